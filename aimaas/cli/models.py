@@ -1,0 +1,279 @@
+"""`aimaas models push | list | show`: the registry from the command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import click
+import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.markup import escape
+from rich.table import Table
+
+from aimaas.cli.output import current, human_bytes, rpc_error
+from aimaas.cli.ports import DEFAULT_PORTS, LOOPBACK
+from aimaas.cli.state import StateError, load_state
+from aimaas.client import RegistryClient, file_digest, upload_deadline
+from aimaas.registry.v1 import registry_pb2 as pb
+from aimaas.types.v1 import types_pb2
+
+DEFAULT_STATE_DIR = pathlib.Path(".aimaas")
+FORMATS = {"auto": types_pb2.MODEL_FORMAT_UNSPECIFIED, "onnx": types_pb2.MODEL_FORMAT_ONNX,
+           "tensorrt-plan": types_pb2.MODEL_FORMAT_TENSORRT_PLAN}  # fmt: skip
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def resolve_registry(explicit: str | None, state_dir: pathlib.Path) -> str:
+    """--registry, else the registry recorded by `aimaas up` in the state dir, else the default port."""
+    if explicit:
+        return explicit
+    try:
+        state = load_state(state_dir.resolve())
+    except StateError:
+        state = None
+    record = state.find("registry") if state is not None else None
+    if record is not None and "grpc" in record.endpoints:
+        return record.endpoints["grpc"]
+    return f"{LOOPBACK}:{DEFAULT_PORTS['registry']['grpc']}"
+
+
+def registry_options(command: F) -> F:
+    """--registry, --state-dir and --timeout of every command that calls the registry."""
+
+    @click.option(
+        "--registry", metavar="HOST:PORT",
+        help="Registry gRPC address [default: from the state dir of `aimaas up`, else 127.0.0.1:8101].",
+    )  # fmt: skip
+    @click.option(
+        "--state-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
+        default=DEFAULT_STATE_DIR, show_default=True, help="State dir of `aimaas up` (to find the registry).",
+    )  # fmt: skip
+    @click.option(
+        "--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+        help="Deadline of each call in seconds (uploads get extra time per byte).",
+    )  # fmt: skip
+    @functools.wraps(command)
+    def wrapper(*args: Any, registry: str | None, state_dir: pathlib.Path, timeout: float, **kwargs: Any) -> Any:
+        address = resolve_registry(registry, state_dir)
+        with RegistryClient(address, timeout) as client, _rpc_errors(address):
+            return command(*args, client=client, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def _rpc_errors(address: str) -> Iterator[None]:
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise rpc_error(exc, address) from None
+
+
+def _consoles() -> tuple[Console, Console]:
+    context = current()
+    return context.out, context.err
+
+
+def _to_dict(message: Message) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _print_json(document: Any) -> None:
+    click.echo(json.dumps(document, indent=2, sort_keys=True))
+
+
+def format_name(value: int) -> str:
+    return types_pb2.ModelFormat.Name(value).removeprefix("MODEL_FORMAT_")
+
+
+def state_name(value: int) -> str:
+    return pb.VersionState.Name(value).removeprefix("VERSION_STATE_")
+
+
+def tensor_specs(specs: Any) -> str:
+    """`name FP32 [-1, 4]` per tensor, one a line."""
+    return "\n".join(f"{spec.name} {spec.datatype} [{', '.join(str(d) for d in spec.shape)}]" for spec in specs)
+
+
+def parse_labels(values: tuple[str, ...]) -> dict[str, str]:
+    labels = {}
+    for value in values:
+        key, sep, label = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param_hint="--label")
+        labels[key] = label
+    return labels
+
+
+@click.group()
+def models() -> None:
+    """Push, list and inspect models in the registry."""
+
+
+@models.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.option("--name", "-n", "model", required=True, help="Model name (created if it does not exist).")
+@click.option("--alias", "-a", "aliases", multiple=True, help="Point this alias at the new version (repeatable).")
+@click.option("--description", default="", help="Description of the version.")
+@click.option("--label", "-l", "labels", multiple=True, metavar="KEY=VALUE", help="Label of the version (repeatable).")
+@click.option("--format", "format_", type=click.Choice(sorted(FORMATS)), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the version as JSON.")
+@registry_options
+def push(
+    path: pathlib.Path,
+    model: str,
+    aliases: tuple[str, ...],
+    description: str,
+    labels: tuple[str, ...],
+    format_: str,
+    as_json: bool,
+    client: RegistryClient,
+) -> None:
+    """Upload the artifact at PATH as a new version of a model."""
+    out, err = _consoles()
+    size = path.stat().st_size
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()
+    )
+    with Progress(*columns, console=err, transient=False) as progress:
+        # Hash locally first: the registry verifies the bytes it receives against this digest.
+        hashing = progress.add_task("sha256 ", total=size)
+        sha256, size = file_digest(path, lambda n: progress.advance(hashing, n))
+        metadata = pb.UploadVersionMetadata(
+            model=model,
+            create_model=True,
+            expected_sha256=sha256,
+            expected_size_bytes=size,
+            format=FORMATS[format_],
+            description=description,
+            labels=parse_labels(labels),
+            aliases=list(aliases),
+        )
+        uploading = progress.add_task("upload ", total=size)
+        response = client.upload_version(
+            path,
+            metadata,
+            on_progress=lambda n: progress.advance(uploading, n),
+            timeout=upload_deadline(size, client.timeout),
+        )
+    if as_json:
+        _print_json(_to_dict(response))
+        return
+    version = response.version
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    table.add_row("model", version.model)
+    table.add_row("version", str(version.version))
+    table.add_row("sha256", version.sha256)
+    table.add_row("size", f"{human_bytes(version.size_bytes)} ({version.size_bytes} bytes)")
+    table.add_row("format", format_name(version.format))
+    if aliases:
+        table.add_row("aliases", ", ".join(aliases))
+    table.add_row("inputs", escape(tensor_specs(version.signature.inputs)) or "-")
+    table.add_row("outputs", escape(tensor_specs(version.signature.outputs)) or "-")
+    if response.deduplicated:
+        table.add_row("note", "identical bytes were already stored; no new blob was written")
+    out.print(f"pushed {version.model} version {version.version}")
+    out.print(table)
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the models as JSON.")
+@registry_options
+def list_models(as_json: bool, client: RegistryClient) -> None:
+    """List the models in the registry."""
+    out, _ = _consoles()
+    found = client.list_models()
+    if as_json:
+        _print_json({"models": [_to_dict(model) for model in found]})
+        return
+    if not found:
+        out.print("no models yet (push one with `aimaas models push PATH --name NAME`)")
+        return
+    table = Table()
+    table.add_column("model")
+    table.add_column("latest version", justify="right")
+    table.add_column("description", overflow="fold")
+    table.add_column("labels", overflow="fold")
+    table.add_column("updated")
+    for model in found:
+        table.add_row(
+            model.name,
+            str(model.latest_version) if model.latest_version else "-",
+            escape(model.description),
+            escape(", ".join(f"{key}={value}" for key, value in sorted(model.labels.items()))),
+            model.updated.ToDatetime().isoformat(timespec="seconds") if model.HasField("updated") else "",
+        )
+    out.print(table)
+
+
+@models.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the model, aliases and versions as JSON.")
+@registry_options
+def show(name: str, as_json: bool, client: RegistryClient) -> None:
+    """Show a model with its aliases and versions."""
+    out, _ = _consoles()
+    found = client.get_model(name)
+    versions = client.list_versions(name)
+    if as_json:
+        _print_json(
+            {
+                "model": _to_dict(found.model),
+                "aliases": [_to_dict(alias) for alias in found.aliases],
+                "versions": [_to_dict(version) for version in versions],
+            }
+        )
+        return
+    model = found.model
+    out.print(f"[bold]{model.name}[/]" + (f"  {escape(model.description)}" if model.description else ""))
+    if model.labels:
+        out.print("labels: " + ", ".join(f"{k}={v}" for k, v in sorted(model.labels.items())), markup=False)
+    if found.aliases:
+        out.print("aliases: " + ", ".join(f"{a.name} -> {a.version}" for a in found.aliases), markup=False)
+    if not versions:
+        out.print("no versions yet")
+        return
+    aliases_of: dict[int, list[str]] = {}
+    for alias in found.aliases:
+        aliases_of.setdefault(alias.version, []).append(alias.name)
+    table = Table()
+    table.add_column("version", justify="right")
+    table.add_column("aliases")
+    table.add_column("state")
+    table.add_column("format")
+    table.add_column("size", justify="right")
+    table.add_column("sha256")
+    table.add_column("inputs")
+    table.add_column("outputs")
+    table.add_column("created")
+    for version in versions:
+        table.add_row(
+            str(version.version),
+            ", ".join(aliases_of.get(version.version, [])),
+            state_name(version.state),
+            format_name(version.format),
+            human_bytes(version.size_bytes),
+            version.sha256[:12],
+            escape(tensor_specs(version.signature.inputs)),
+            escape(tensor_specs(version.signature.outputs)),
+            version.created.ToDatetime().isoformat(timespec="seconds") if version.HasField("created") else "",
+        )
+    out.print(table)

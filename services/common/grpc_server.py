@@ -1,0 +1,214 @@
+"""gRPC server factory: health with real status, reflection, error mapping, metrics, tracing,
+graceful shutdown on SIGTERM (NOT_SERVING, shutdown hooks such as deregistration, drain, stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import grpc_status_for
+from services.common.metrics import Metrics
+from services.common.settings import ServerSettings
+from services.common.tracing import Telemetry
+
+HealthCheck = Callable[[], Awaitable[bool]]
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns escaped exceptions into precise status codes, and records RPC metrics and errors.
+
+    The one place where domain errors become gRPC statuses (see services.common.errors).
+    """
+
+    def __init__(self, metrics: Metrics, logger: structlog.stdlib.BoundLogger) -> None:
+        self._metrics = metrics
+        self._log = logger
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if method.startswith("/grpc.health.v1.Health/") or method.startswith("/grpc.reflection."):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        self._metrics.rpc_total.labels(method, code.name).inc()
+        self._metrics.rpc_seconds.labels(method).observe(time.perf_counter() - started)
+
+    async def _fail(self, method: str, exc: Exception, context: grpc.aio.ServicerContext, started: float):
+        code, message = grpc_status_for(exc)
+        self._record(method, code, started)
+        if code is grpc.StatusCode.INTERNAL:
+            self._log.exception("rpc failed unexpectedly", method=method)
+        else:
+            self._log.info("rpc failed", method=method, code=code.name, error=message)
+        await context.abort(code, message)
+
+    def _wrap_unary(self, method: str, behavior):
+        async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext):
+            started = time.perf_counter()
+            try:
+                response = await behavior(request_or_iterator, context)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                self._record(method, context.code() or grpc.StatusCode.CANCELLED, started)
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status, never a crash
+                await self._fail(method, exc, context, started)
+            self._record(method, context.code() or grpc.StatusCode.OK, started)
+            return response
+
+        return wrapper
+
+    def _wrap_stream(self, method: str, behavior):
+        async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext):
+            started = time.perf_counter()
+            try:
+                async for response in behavior(request_or_iterator, context):
+                    yield response
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                self._record(method, context.code() or grpc.StatusCode.CANCELLED, started)
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await self._fail(method, exc, context, started)
+            self._record(method, context.code() or grpc.StatusCode.OK, started)
+
+        return wrapper
+
+
+class GrpcService:
+    """One gRPC server process: servicers, health, reflection, shutdown hooks, readiness checks."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        metrics: Metrics,
+        telemetry: Telemetry,
+        logger: structlog.stdlib.BoundLogger,
+        health_checks: Iterable[HealthCheck] = (),
+        health_interval_seconds: float = 1.0,
+    ) -> None:
+        self._settings = settings
+        self._log = logger
+        self._health_checks = list(health_checks)
+        self._health_interval = health_interval_seconds
+        self._service_names: list[str] = []
+        self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._health = health.aio.HealthServicer()
+        self._health_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._stopped = False
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(
+            interceptors=[telemetry.server_interceptor(), ErrorMappingInterceptor(metrics, logger)],
+            options=options,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
+        self.port: int | None = None
+
+    def add_service(self, service_name: str, register: Callable[[grpc.aio.Server], None]) -> None:
+        """Register a servicer (`register(server)`) under its full name, for health and reflection."""
+        register(self.server)
+        self._service_names.append(service_name)
+
+    def on_shutdown(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run `hook` after health turns NOT_SERVING and before in-flight calls are drained."""
+        self._shutdown_hooks.append(hook)
+
+    @property
+    def address(self) -> str:
+        return f"{self._settings.host}:{self.port}"
+
+    async def start(self) -> int:
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(self._settings.grpc_address())
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind gRPC port {self._settings.grpc_address()}")
+        await self.server.start()
+        await self._update_health()
+        self._health_task = asyncio.create_task(self._health_loop(), name="health-checks")
+        return self.port
+
+    async def _set_status(self, status: int) -> None:
+        for name in ("", *self._service_names):
+            await self._health.set(name, status)
+
+    async def _update_health(self) -> None:
+        serving = True
+        for check in self._health_checks:
+            try:
+                serving = serving and await check()
+            except Exception:  # noqa: BLE001 - a failing probe means not serving
+                serving = False
+        await self._set_status(
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+    async def _health_loop(self) -> None:
+        # Dependency reachability is only observable by probing it.
+        while not self._stopping.is_set():
+            await asyncio.sleep(self._health_interval)
+            if not self._stopping.is_set():
+                await self._update_health()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+
+    async def wait_for_stop_signal(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        """NOT_SERVING first, then shutdown hooks, then drain in-flight calls, then stop."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await self._health.enter_graceful_shutdown()
+        for hook in self._shutdown_hooks:
+            try:
+                await hook()
+            except Exception:  # noqa: BLE001 - shutdown continues whatever a hook does
+                self._log.exception("shutdown hook failed")
+        await self.server.stop(self._settings.shutdown_grace_seconds)

@@ -1,0 +1,59 @@
+"""OpenTelemetry setup: OTLP export when an endpoint is configured, W3C propagation, gRPC hooks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Tracer
+
+from services.common.settings import TelemetrySettings
+
+
+@dataclass
+class Telemetry:
+    provider: TracerProvider
+    service_name: str
+
+    def tracer(self, name: str) -> Tracer:
+        return self.provider.get_tracer(name)
+
+    def server_interceptor(self):
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+        return aio_server_interceptor(tracer_provider=self.provider)
+
+    def client_interceptors(self) -> list:
+        from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+        return list(aio_client_interceptors(tracer_provider=self.provider))
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+def setup_telemetry(
+    settings: TelemetrySettings, service: str, *, extra_processors: list[SpanProcessor] | None = None
+) -> Telemetry:
+    """A tracer provider for this process; spans are exported only when an endpoint is configured.
+
+    The provider is passed down explicitly rather than installed globally, so tests can run several
+    services in one process, each with its own exporter. W3C trace context is OpenTelemetry's
+    default propagator, used by the gRPC interceptors for metadata.
+    """
+    service_name = f"{settings.service_name_prefix}-{service}"
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service_name}),
+        sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+    )
+    if settings.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        insecure = settings.otlp_endpoint.startswith("http://")
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.otlp_endpoint, insecure=insecure)))
+    for processor in extra_processors or ():
+        provider.add_span_processor(processor)
+    return Telemetry(provider=provider, service_name=service_name)
