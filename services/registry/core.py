@@ -21,6 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aimaas.registry.v1 import registry_pb2 as pb
 from aimaas.scheduler.v1 import scheduler_pb2
 from aimaas.types.v1 import types_pb2
+from services.common.aio import prefetch
 from services.common.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
 from services.common.etcd import Compare, EtcdClient, KeyValue, Op, from_json, to_json
 from services.common.objectstore import DigestMismatch, ObjectStore, SizeLimitExceeded
@@ -38,6 +39,8 @@ _MAX_DESCRIPTION = 4096
 # Optimistic-concurrency retries for version allocation under contention.
 _MAX_ALLOCATION_ATTEMPTS = 64
 _DEFAULT_ORPHAN_MIN_AGE = timedelta(hours=1)
+# Upload chunks read ahead of the store (memory: this many chunks, ~1 MiB each).
+_UPLOAD_READ_AHEAD = 4
 
 
 def _now() -> Timestamp:
@@ -235,7 +238,8 @@ class ModelRegistry:
         inspector = ArtifactInspector(metadata.format)
 
         async def inspected() -> AsyncIterator[bytes]:
-            async for chunk in chunks:
+            # Read ahead so receiving the next chunk overlaps hashing and storing this one.
+            async for chunk in prefetch(chunks, _UPLOAD_READ_AHEAD):
                 inspector.feed(chunk)
                 yield chunk
 

@@ -83,6 +83,11 @@ class OnnxStreamInspector:
     def feed(self, chunk: bytes) -> None:
         if self.error is not None:
             return
+        if self._skip >= len(chunk) and not self._buffer:
+            # Fast path: the middle of a large initializer needs no copy.
+            self._skip -= len(chunk)
+            self._offset += len(chunk)
+            return
         self._buffer += chunk
         try:
             self._drain()

@@ -1,0 +1,45 @@
+"""Small asyncio helpers shared by services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_END = object()
+
+
+async def prefetch(source: AsyncIterable[T], depth: int) -> AsyncIterator[T]:
+    """Iterate `source` while reading up to `depth` items ahead in a background task.
+
+    Overlaps the producer (e.g. receiving the next network chunk) with the consumer (e.g. hashing
+    and writing the current one); memory stays bounded by `depth` items. Errors of the source are
+    re-raised in order; closing or cancelling the consumer stops the reader.
+    """
+    queue: asyncio.Queue[object] = asyncio.Queue(maxsize=depth)
+
+    async def read() -> None:
+        try:
+            async for item in source:
+                await queue.put(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put(exc)
+            return
+        await queue.put(_END)
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
