@@ -1,0 +1,83 @@
+"""The backend interface: the small surface every execution engine implements.
+
+Batching, statistics, tracing and request validation live outside backends (in the data plane),
+so a backend only loads an artifact, runs one (possibly merged) batch, and reports its memory.
+"""
+
+from __future__ import annotations
+
+import abc
+import pathlib
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+
+class BackendUnavailable(RuntimeError):
+    """This node cannot run the backend (library or device missing); the message says which."""
+
+
+class BackendLoadError(RuntimeError):
+    """The artifact could not be loaded (corrupt, unsupported operator, incompatible plan, ...)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    # Open Inference Protocol datatype: BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64, BF16, BYTES.
+    datatype: str
+    # Full model shape including any batch dimension; -1 is dynamic.
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    # "FP32" | "FP16" | "INT8": what TensorRT builds; ONNX Runtime runs the graph as written.
+    precision: str = "FP32"
+    # Largest batch the batcher will send; TensorRT sizes its optimization profile from it.
+    max_batch_size: int = 32
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    # Use a GPU when the backend supports one and one is present.
+    use_gpu: bool = True
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """One loaded model version. Methods are blocking; the data plane runs them off the event loop."""
+
+    # Short name used in node records and settings: "onnxruntime", "tensorrt".
+    name: ClassVar[str]
+    # Open Inference Protocol platform string: "onnxruntime_onnx", "tensorrt_plan".
+    platform: ClassVar[str]
+
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls) -> str | None:
+        """None when this node can run the backend, else the reason it cannot (for logs and FAILED)."""
+
+    @abc.abstractmethod
+    def load(self, artifact: pathlib.Path, options: LoadOptions) -> None:
+        """Load the artifact; fills `inputs`/`outputs`. Raises BackendLoadError or BackendUnavailable."""
+
+    @property
+    def batch_dimension(self) -> bool:
+        """True when every input and output has a dynamic first dimension that rows can be merged on."""
+        tensors = [*self.inputs, *self.outputs]
+        return bool(tensors) and all(t.shape and t.shape[0] == -1 for t in tensors)
+
+    @abc.abstractmethod
+    def infer(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        """Run one batch. Inputs are validated and of the declared dtypes; returns the named outputs."""
+
+    @abc.abstractmethod
+    def unload(self) -> None:
+        """Release every resource (sessions, device memory). Idempotent."""
+
+    @abc.abstractmethod
+    def memory_bytes(self) -> int:
+        """Host (and device, for GPU backends) memory this model holds, measured after load."""

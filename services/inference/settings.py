@@ -1,0 +1,57 @@
+"""Settings of an inference node (`AIMAAS_INFERENCE__*` plus the shared blocks)."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Annotated
+
+from pydantic import BaseModel, Field
+
+from services.common.settings import CommonSettings, ServerSettings
+
+
+class BatchingDefaults(BaseModel):
+    """Dynamic batching used when a model (config or deployment) does not say otherwise."""
+
+    enabled: bool = True
+    max_batch_size: Annotated[int, Field(ge=1, le=65536)] = 32
+    max_queue_delay_us: Annotated[int, Field(ge=0, le=10_000_000)] = 500
+    # Waiting requests beyond this are rejected with RESOURCE_EXHAUSTED.
+    max_queue_size: Annotated[int, Field(ge=1)] = 1024
+    # A request that waited this long in the queue fails with DEADLINE_EXCEEDED (0: only the caller's deadline).
+    default_timeout_ms: Annotated[int, Field(ge=0)] = 0
+
+
+class InferenceServerSettings(ServerSettings):
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] = 8301
+    metrics_port: Annotated[int, Field(ge=-1, le=65535)] = 8302
+    # Standalone mode: serve <dir>/<model>/<version>/model.onnx without etcd. Empty: mesh mode.
+    model_repository: pathlib.Path | None = None
+    # Mesh mode: stable identity of this node (default: hostname-port).
+    node_id: str = ""
+    # Address other processes use to reach this node (default: host:grpc_port).
+    advertise_address: str = ""
+    # Local content-addressed artifact cache.
+    cache_dir: pathlib.Path = pathlib.Path(".aimaas/cache")
+    cache_max_bytes: Annotated[int, Field(ge=0)] = 20 * 1024**3
+    # Memory this node offers to models (0: measured total memory).
+    memory_capacity_bytes: Annotated[int, Field(ge=0)] = 0
+    # Object-store download retries for a load: exponential backoff between these bounds.
+    load_retry_initial_seconds: Annotated[float, Field(gt=0)] = 0.5
+    load_retry_max_seconds: Annotated[float, Field(gt=0)] = 30.0
+    load_max_attempts: Annotated[int, Field(ge=1)] = 8
+    # ONNX Runtime threads per model (0: ONNX Runtime decides).
+    intra_op_threads: Annotated[int, Field(ge=0)] = 0
+    inter_op_threads: Annotated[int, Field(ge=0)] = 0
+    # Backends to try, in order of preference, when the artifact allows several.
+    backends: list[str] = ["tensorrt", "onnxruntime"]
+    batching: BatchingDefaults = BatchingDefaults()
+    # Unload waits at most this long for in-flight requests of the model.
+    unload_drain_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # Monitor address (host:port) to stream statistics to; empty disables streaming.
+    monitor_address: str = ""
+    stats_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
+
+
+class InferenceSettings(CommonSettings):
+    inference: InferenceServerSettings = InferenceServerSettings()
