@@ -86,10 +86,13 @@ def etcd_command(binary: str, data_dir: pathlib.Path, client_port: int, peer_por
     ]  # fmt: skip
 
 
-def service_settings(name: str, ports: dict[str, int]) -> dict[str, str]:
-    """AIMAAS_<NAME>__HOST and __<KIND>_PORT of one service (DESIGN.md "Configuration")."""
+def service_settings(name: str, ports: dict[str, int], state_dir: pathlib.Path | None = None) -> dict[str, str]:
+    """AIMAAS_<NAME>__HOST and __<KIND>_PORT of one service (DESIGN.md "Configuration"), plus the
+    local data folders a service keeps inside the mesh's state directory."""
     settings = {f"AIMAAS_{name.upper()}__HOST": LOOPBACK}
     settings.update({port_env_var(name, kind): str(port) for kind, port in ports.items()})
+    if name == "inference" and state_dir is not None:
+        settings["AIMAAS_INFERENCE__CACHE_DIR"] = str(state_dir / "cache" / "inference")
     return settings
 
 
@@ -299,7 +302,7 @@ class Mesh:
                 )  # fmt: skip
             for name in services:
                 command = [sys.executable, "-m", f"services.{name}"]
-                settings = common | service_settings(name, plan[name])
+                settings = common | service_settings(name, plan[name], state_dir)
                 self._launch(state, name, command, settings, endpoints_of(plan[name]), options.timeout, started)
         except (LaunchFailed, KeyboardInterrupt) as exc:
             self._abort_start(state_dir, started, exc)
