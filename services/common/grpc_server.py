@@ -11,8 +11,10 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from services.common.errors import grpc_status_for
 from services.common.metrics import Metrics
@@ -20,6 +22,27 @@ from services.common.settings import ServerSettings
 from services.common.tracing import Telemetry
 
 HealthCheck = Callable[[], Awaitable[bool]]
+
+
+def reflection_pool_of(*files: FileDescriptor) -> descriptor_pool.DescriptorPool:
+    """A descriptor pool with `files` (and their dependencies) plus health and reflection, for
+    services whose generated stubs live outside protobuf's default pool."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(file.name)
+
+    for file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR, *files):
+        add(file)
+    return pool
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -31,6 +54,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics, logger: structlog.stdlib.BoundLogger) -> None:
         self._metrics = metrics
         self._log = logger
+        # Bound label children, so a call costs no label lookup (each takes a lock).
+        self._totals: dict[tuple[str, grpc.StatusCode], Any] = {}
+        self._durations: dict[str, Any] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -64,8 +90,14 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         )
 
     def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
-        self._metrics.rpc_total.labels(method, code.name).inc()
-        self._metrics.rpc_seconds.labels(method).observe(time.perf_counter() - started)
+        total = self._totals.get((method, code))
+        if total is None:
+            total = self._totals[(method, code)] = self._metrics.rpc_total.labels(method, code.name)
+        duration = self._durations.get(method)
+        if duration is None:
+            duration = self._durations[method] = self._metrics.rpc_seconds.labels(method)
+        total.inc()
+        duration.observe(time.perf_counter() - started)
 
     async def _fail(self, method: str, exc: Exception, context: grpc.aio.ServicerContext, started: float):
         code, message = grpc_status_for(exc)
@@ -119,8 +151,13 @@ class GrpcService:
         logger: structlog.stdlib.BoundLogger,
         health_checks: Iterable[HealthCheck] = (),
         health_interval_seconds: float = 1.0,
+        reflection_pool: descriptor_pool.DescriptorPool | None = None,
     ) -> None:
+        """`reflection_pool`: where reflection finds the services' descriptors; None is protobuf's
+        default pool. Services whose stubs live in a private pool (the inference protocol) pass a
+        pool holding their files plus health and reflection (see `reflection_pool_of`)."""
         self._settings = settings
+        self._reflection_pool = reflection_pool
         self._log = logger
         self._health_checks = list(health_checks)
         self._health_interval = health_interval_seconds
@@ -157,7 +194,7 @@ class GrpcService:
 
     async def start(self) -> int:
         reflection.enable_server_reflection(
-            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server, pool=self._reflection_pool
         )
         self.port = self.server.add_insecure_port(self._settings.grpc_address())
         if self.port == 0:
@@ -166,6 +203,11 @@ class GrpcService:
         await self._update_health()
         self._health_task = asyncio.create_task(self._health_loop(), name="health-checks")
         return self.port
+
+    async def refresh_health(self) -> None:
+        """Re-run the health checks now (e.g. right after the process became ready)."""
+        if not self._stopping.is_set():
+            await self._update_health()
 
     async def _set_status(self, status: int) -> None:
         for name in ("", *self._service_names):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Tracer
 
 from services.common.settings import TelemetrySettings
@@ -45,10 +45,11 @@ def setup_telemetry(
     default propagator, used by the gRPC interceptors for metadata.
     """
     service_name = f"{settings.service_name_prefix}-{service}"
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": service_name}),
-        sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
-    )
+    exporting = bool(settings.otlp_endpoint or extra_processors)
+    # With nowhere to send spans, recording them is pure cost on the hot path; non-recording spans
+    # still carry the (possibly inherited) trace id into logs and outgoing calls.
+    sampler = ParentBased(TraceIdRatioBased(settings.sample_ratio)) if exporting else ParentBased(ALWAYS_OFF, remote_parent_sampled=ALWAYS_OFF, local_parent_sampled=ALWAYS_OFF)
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}), sampler=sampler)
     if settings.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 

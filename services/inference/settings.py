@@ -15,7 +15,10 @@ class BatchingDefaults(BaseModel):
 
     enabled: bool = True
     max_batch_size: Annotated[int, Field(ge=1, le=65536)] = 32
-    max_queue_delay_us: Annotated[int, Field(ge=0, le=10_000_000)] = 500
+    # How long the oldest request may wait for more rows while the model is idle. 0 (Triton's default)
+    # never waits: batches form from what queues up while the model is busy, which costs a lone
+    # request no latency. The event loop's timers have about 1 ms resolution.
+    max_queue_delay_us: Annotated[int, Field(ge=0, le=10_000_000)] = 0
     # Waiting requests beyond this are rejected with RESOURCE_EXHAUSTED.
     max_queue_size: Annotated[int, Field(ge=1)] = 1024
     # A request that waited this long in the queue fails with DEADLINE_EXCEEDED (0: only the caller's deadline).

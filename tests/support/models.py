@@ -55,3 +55,61 @@ def large_model_bytes(size_bytes: int) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
+
+
+def _finish(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, producer_name="aimaas-tests", opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def identity_model(elem_type: int, shape: list, *, input_name: str = "x", output_name: str = "y") -> onnx.ModelProto:
+    """y = x for any ONNX element type (STRING included): exercises one protocol datatype end to end."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [input_name], [output_name])],
+        "identity",
+        [helper.make_tensor_value_info(input_name, elem_type, shape)],
+        [helper.make_tensor_value_info(output_name, elem_type, shape)],
+    )
+    return _finish(graph)
+
+
+def add_model(elem_type: int, shape: list) -> onnx.ModelProto:
+    """sum = a + b (two inputs of the same type and shape)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["sum"])],
+        "add",
+        [helper.make_tensor_value_info("a", elem_type, shape), helper.make_tensor_value_info("b", elem_type, shape)],
+        [helper.make_tensor_value_info("sum", elem_type, shape)],
+    )
+    return _finish(graph)
+
+
+def two_output_model(features: int = 4) -> onnx.ModelProto:
+    """x[batch, features] FP32 → doubled = x + x, plus_one = x + 1 (for requested-output selection)."""
+    one = numpy_helper.from_array(np.ones(features, dtype=np.float32), "one")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["doubled"]), helper.make_node("Add", ["x", "one"], ["plus_one"])],
+        "two_outputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [
+            helper.make_tensor_value_info("doubled", TensorProto.FLOAT, ["batch", features]),
+            helper.make_tensor_value_info("plus_one", TensorProto.FLOAT, ["batch", features]),
+        ],
+        [one],
+    )
+    return _finish(graph)
+
+
+def scale_model(shape: list, factor: float = 2.0) -> onnx.ModelProto:
+    """y = x * factor (FP32) for any shape, e.g. ["batch", "n"] (a dynamic second dimension)."""
+    scale = numpy_helper.from_array(np.array(factor, dtype=np.float32), "factor")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "factor"], ["y"])],
+        "scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [scale],
+    )
+    return _finish(graph)

@@ -51,6 +51,11 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     # Open Inference Protocol platform string: "onnxruntime_onnx", "tensorrt_plan".
     platform: ClassVar[str]
+    # Artifact formats load() accepts ("onnx", "tensorrt_plan"); the data plane picks a backend by it.
+    formats: ClassVar[frozenset[str]] = frozenset({"onnx"})
+    # BYTES tensors travel as Python str (UTF-8 text) instead of bytes: ONNX Runtime's string tensors
+    # are text. The data plane converts per request, so a non-UTF-8 element fails only its request.
+    bytes_as_text: ClassVar[bool] = False
 
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
@@ -69,6 +74,14 @@ class Backend(abc.ABC):
         """True when every input and output has a dynamic first dimension that rows can be merged on."""
         tensors = [*self.inputs, *self.outputs]
         return bool(tensors) and all(t.shape and t.shape[0] == -1 for t in tensors)
+
+    def max_rows(self) -> int | None:
+        """Largest batch one execution accepts (e.g. a TensorRT optimization profile); None: any.
+
+        A request with more rows than this is rejected; one with more rows than the batcher's
+        max_batch_size but within this limit runs alone.
+        """
+        return None
 
     @abc.abstractmethod
     def infer(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
