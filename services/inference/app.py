@@ -4,8 +4,12 @@ Standalone mode (settings.inference.model_repository set, e.g. `aimaas-inference
 DIR`): serves a local model directory, no etcd or object store. Mesh mode: the node agent registers
 in etcd, watches its assignments and drives the data plane.
 
+With `monitor_address` set, a stats reporter (services.inference.reporter) streams per-interval
+statistics to the monitor; it starts once the node serves and never holds serving up.
+
 Shutdown (SIGTERM): health NOT_SERVING → the node agent deregisters (a shutdown hook) → in-flight
-RPCs drain (grace period) → the data plane drains and unloads every model.
+RPCs drain (grace period) → the stats reporter sends the last interval → the data plane drains and
+unloads every model.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from services.common.settings import load_settings
 from services.common.tracing import Telemetry, setup_telemetry
 from services.inference.backends.base import Backend
 from services.inference.dataplane import DataPlane
+from services.inference.reporter import StatsReporter, standalone_reporter_id
 from services.inference.repository import DirectoryRepository
 from services.inference.servicer import InferenceServicer, register
 from services.inference.settings import InferenceServerSettings, InferenceSettings
@@ -56,24 +61,31 @@ class InferenceApp:
         self.log = configure_logging(settings.log, "inference")
         self.telemetry = telemetry or setup_telemetry(settings.telemetry, "inference")
         self.metrics = Metrics()
-        self.data_plane = DataPlane(
-            config, registry=self.metrics.registry, telemetry=self.telemetry, logger=self.log, backends=backends
-        )
         self.standalone = config.model_repository is not None
         self.repository: DirectoryRepository | None = None
         self.etcd: Any = None
         self.store: Any = None
         self.agent: Any = None
+        self.reporter: StatsReporter | None = None
         self._ready = False
         health_checks = [self._health]
-        if self.standalone:
-            self.repository = DirectoryRepository(config.model_repository, self.data_plane, config, self.log)
-        else:
+        if not self.standalone:
             from services.common.etcd import EtcdClient
             from services.common.objectstore import create_object_store
 
             self.etcd = EtcdClient(settings.etcd)
             self.store = create_object_store(settings.object_store)
+        # Mesh mode: TensorRT engines are shared through the object store (built once per GPU kind).
+        self.data_plane = DataPlane(
+            config,
+            registry=self.metrics.registry,
+            telemetry=self.telemetry,
+            logger=self.log,
+            backends=backends,
+            engine_store=self.store,
+        )
+        if self.standalone:
+            self.repository = DirectoryRepository(config.model_repository, self.data_plane, config, self.log)
         self.grpc = GrpcService(
             config,
             metrics=self.metrics,
@@ -122,6 +134,8 @@ class InferenceApp:
             await self.agent.start()
         self._ready = True
         await self.grpc.refresh_health()
+        if self.settings.inference.monitor_address:
+            await self._start_reporter()
         self.log.info(
             "inference node started",
             grpc=self.grpc.address,
@@ -132,9 +146,28 @@ class InferenceApp:
             metrics_port=self.metrics_endpoint.port if self.metrics_endpoint else None,
         )
 
+    async def _start_reporter(self) -> None:
+        config = self.settings.inference
+        reporter_id = (
+            self.agent.node_id
+            if self.agent is not None
+            else standalone_reporter_id(self.grpc.address, config.advertise_address)
+        )
+        self.reporter = StatsReporter(
+            config,
+            source=self.data_plane.close_stats_windows,
+            reporter_id=reporter_id,
+            logger=self.log,
+            gpu="tensorrt" in self.data_plane.available_backends(),
+        )
+        await self.reporter.start()
+
     async def stop(self) -> None:
         self._ready = False
         await self.grpc.stop()
+        if self.reporter is not None:
+            # After the drain, so the last interval holds every request.
+            await self.reporter.stop()
         await self.data_plane.close()
         if self.metrics_endpoint is not None:
             # Its HTTP server's shutdown waits for a 0.5 s poll: not on the event loop.

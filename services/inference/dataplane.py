@@ -10,6 +10,14 @@ its executor thread → response. Every caller error is a precise InvalidArgumen
 
 Versions are strings; when a request names none, the highest READY version serves it (numeric
 versions compare as numbers, others as text after all numeric ones).
+
+Mesh mode passes the object store (`engine_store`) and each spec's verified `sha256`: a backend that
+builds a device-specific form of the artifact (TensorRT engines) then loads through the shared cache
+in the store (`Backend.load_shared`), so one node of a GPU kind builds and the others fetch.
+
+With a monitor configured (`monitor_address`), every model's statistics keep per-interval windows
+that the stats reporter collects with `close_stats_windows()`; the last window of an unloaded or
+replaced instance is kept for it, so no request goes unreported.
 """
 
 from __future__ import annotations
@@ -17,13 +25,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import pathlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -37,10 +47,15 @@ from services.inference.backends import probe_backends
 from services.inference.backends.base import Backend, LoadOptions, TensorInfo
 from services.inference.batcher import Batcher, BatchPolicy, ExecutionFailed
 from services.inference.settings import BatchingDefaults, InferenceServerSettings
-from services.inference.stats import InferenceCollector, ModelStats
+from services.inference.stats import ClosedWindow, InferenceCollector, ModelStats
 from services.inference.tensors import DATATYPES, add_output, datatype_of, decode_inputs, format_shape
 
+if TYPE_CHECKING:
+    from services.common.objectstore import ObjectStore
+
 FORMATS = ("onnx", "tensorrt_plan")
+# Statistics of retired instances kept until the stats reporter takes their last window.
+_RETIRED_STATS = 4096
 
 __all__ = [
     "DataPlane",
@@ -74,6 +89,8 @@ class ModelSpec:
     # None: the node's settings.batching.
     batching: BatchingDefaults | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    # Verified sha256 of the artifact (mesh mode): enables the shared engine cache in the object store.
+    sha256: str = ""
 
 
 @dataclass
@@ -221,6 +238,7 @@ class _Instance:
         batching: BatchingDefaults,
         tracer: Any,
         logger: structlog.stdlib.BoundLogger,
+        windowed: bool = False,
     ) -> None:
         self.spec = spec
         self.fingerprint = fingerprint
@@ -239,8 +257,9 @@ class _Instance:
         gpu = backend.name == "tensorrt" or "CUDAExecutionProvider" in getattr(backend, "providers", ())
         self.stats = ModelStats(
             spec.name, spec.version, backend=backend.name, memory_bytes=memory,
-            memory_type="GPU" if gpu else "CPU",
+            memory_type="GPU" if gpu else "CPU", windowed=windowed,
         )
+        self.stats.in_flight = lambda: self.inflight
         self.policy = BatchPolicy(
             merge=merge,
             max_batch_size=batching.max_batch_size,
@@ -271,6 +290,8 @@ class _Instance:
             pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in backend.outputs
         ]
         self.config = self._config(gpu)
+        # How a shared built form was obtained ("cache" | "built"), "" when loaded with load().
+        self.shared = ""
 
     def _config(self, gpu: bool) -> pb.ModelConfig:
         merge = self.policy.merge
@@ -331,9 +352,16 @@ class DataPlane:
         telemetry: Telemetry,
         logger: structlog.stdlib.BoundLogger,
         backends: Mapping[str, type[Backend] | str] | None = None,
+        engine_store: ObjectStore | None = None,
     ) -> None:
-        """`backends`: name → class, or the reason it is unavailable (default: probe this node)."""
+        """`backends`: name → class, or the reason it is unavailable (default: probe this node).
+        `engine_store`: the object store holding built engines (mesh mode; None: build locally)."""
         self._settings = settings
+        self._engine_store = engine_store
+        # Keep reporting windows (a monitor is configured), and the statistics of retired instances
+        # until their last window is taken.
+        self._windowed = bool(settings.monitor_address)
+        self._retired_stats: deque[ModelStats] = deque(maxlen=_RETIRED_STATS)
         self._backends: dict[str, type[Backend] | str] = dict(backends) if backends is not None else probe_backends()
         registry.register(InferenceCollector(self._loaded_stats))
         self._tracer = telemetry.tracer("aimaas.inference")
@@ -432,6 +460,29 @@ class DataPlane:
     def queued(self, name: str, version: str = "") -> int:
         """Requests waiting in the batcher of a loaded version (default: the highest READY one)."""
         return self._resolve(name, version).batcher.queued
+
+    def close_stats_windows(self) -> list[ClosedWindow]:
+        """Close the reporting window of every instance (loaded, or retired since the last call) and
+        return them; empty without a monitor. Event loop thread only."""
+        if not self._windowed:
+            return []
+        now_ns = time.time_ns()
+        # Retired instances first: requests failed by an unload's drain timeout may have been
+        # recorded after the retirement, so their window is only closed now, and for the last time.
+        sources = list(self._retired_stats)
+        self._retired_stats.clear()
+        seen = {id(stats) for stats in sources}
+        for slots in self._models.values():
+            for slot in slots.values():
+                if slot.instance is not None and id(slot.instance.stats) not in seen:
+                    seen.add(id(slot.instance.stats))
+                    sources.append(slot.instance.stats)
+        closed = []
+        for stats in sources:
+            window = stats.close_window(now_ns)
+            if window is not None:
+                closed.append(window)
+        return closed
 
     def _loaded_stats(self) -> list[ModelStats]:
         # Runs on the metrics scrape thread: list() snapshots are atomic under the GIL.
@@ -607,6 +658,7 @@ class DataPlane:
                 "model ready",
                 model=spec.name, version=spec.version, backend=instance.backend.name,
                 memory_bytes=instance.info.memory_bytes, batching=instance.policy.merge,
+                shared=instance.shared or None,
             )
             if current is not None:
                 await self._retire(current, self._settings.unload_drain_seconds)
@@ -655,10 +707,15 @@ class DataPlane:
         backend = backend_class()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{spec.name}-{spec.version}")
         loop = asyncio.get_running_loop()
+        shared: str | None = None
         async with self._load_gate:
-            future = loop.run_in_executor(executor, _load_and_warm_up, backend, spec.artifact, options)
             try:
-                await future
+                if self._engine_store is not None and spec.sha256:
+                    shared = await self._load_shared(backend, spec, options, executor)
+                if shared is None:
+                    await loop.run_in_executor(executor, _load_and_warm_up, backend, spec.artifact, options)
+                else:
+                    await loop.run_in_executor(executor, _check_and_warm_up, backend)
             except asyncio.CancelledError:
                 # The thread cannot be interrupted: release what it loads once it is done.
                 executor.submit(_quiet_unload, backend)
@@ -669,13 +726,31 @@ class DataPlane:
                 executor.shutdown(wait=False)
                 raise
         try:
-            instance = _Instance(spec, fingerprint, backend, executor, batching, self._tracer, self._log)
+            instance = _Instance(
+                spec, fingerprint, backend, executor, batching, self._tracer, self._log, windowed=self._windowed
+            )
+            instance.shared = shared or ""
         except Exception as exc:
             await loop.run_in_executor(executor, _quiet_unload, backend)
             executor.shutdown(wait=False)
             raise ModelLoadFailed(f"cannot serve the loaded model: {exc}") from exc
         instance.batcher.start()
         return instance
+
+    async def _load_shared(
+        self, backend: Backend, spec: ModelSpec, options: LoadOptions, executor: ThreadPoolExecutor
+    ) -> str | None:
+        """`backend.load_shared` through the engine store on the model's thread; None: use load()."""
+        assert self._engine_store is not None
+        run = functools.partial(asyncio.get_running_loop().run_in_executor, executor)
+        try:
+            return await backend.load_shared(
+                spec.artifact, options, store=self._engine_store, sha256=spec.sha256, run=run
+            )
+        except (asyncio.CancelledError, ModelLoadFailed):
+            raise
+        except Exception as exc:  # noqa: BLE001 - BackendLoadError, BackendUnavailable, anything else
+            raise ModelLoadFailed(str(exc) or type(exc).__name__) from exc
 
     async def unload(self, name: str, version: str, drain_seconds: float | None = None) -> None:
         """New requests get UNAVAILABLE; in-flight ones finish (at most `drain_seconds`, default
@@ -707,6 +782,9 @@ class DataPlane:
                 )
                 instance.batcher.abort(Unavailable(f"{instance.label} was unloaded before the request ran"))
         await instance.batcher.close()
+        if self._windowed:
+            # Out of every slot now: the stats reporter takes its last window from here.
+            self._retired_stats.append(instance.stats)
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(instance.executor, instance.backend.unload)
@@ -743,6 +821,11 @@ def _load_and_warm_up(backend: Backend, artifact: pathlib.Path, options: LoadOpt
         backend.load(artifact, options)
     except Exception as exc:  # noqa: BLE001 - BackendLoadError, BackendUnavailable, anything else
         raise ModelLoadFailed(str(exc) or type(exc).__name__) from exc
+    _check_and_warm_up(backend)
+
+
+def _check_and_warm_up(backend: Backend) -> None:
+    """Runs on the model's own thread after a load: protocol checks, then one inference on zeros."""
     for tensor in (*backend.inputs, *backend.outputs):
         if tensor.datatype not in DATATYPES:
             raise ModelLoadFailed(f"tensor '{tensor.name}' has datatype {tensor.datatype}, not a protocol datatype")

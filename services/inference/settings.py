@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from services.common.settings import CommonSettings, ServerSettings
 
@@ -53,7 +53,25 @@ class InferenceServerSettings(ServerSettings):
     unload_drain_seconds: Annotated[float, Field(ge=0)] = 30.0
     # Monitor address (host:port) to stream statistics to; empty disables streaming.
     monitor_address: str = ""
+    # One report (a delta per loaded model version, plus host resources) per interval.
     stats_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
+    # Reports waiting while the monitor is unreachable; beyond this the oldest are dropped.
+    monitor_buffer_max_reports: Annotated[int, Field(ge=1)] = 120
+    # Reconnecting to an unreachable monitor: exponential backoff between these bounds.
+    monitor_retry_initial_seconds: Annotated[float, Field(gt=0)] = 0.5
+    monitor_retry_max_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # At shutdown, how long the last reports may take to reach the monitor.
+    monitor_flush_timeout_seconds: Annotated[float, Field(ge=0)] = 2.0
+
+    @field_validator("monitor_address")
+    @classmethod
+    def _check_monitor_address(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ValueError(f"monitor address {value!r} must be host:port")
+        return value
 
 
 class InferenceSettings(CommonSettings):

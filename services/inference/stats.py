@@ -10,6 +10,10 @@ Semantics follow Triton's statistics extension:
 - `batch_stats`: per executed batch size (rows), the number of executions and their durations;
 - `last_inference`: milliseconds since the epoch of the last execution.
 
+With a monitor configured, each ModelStats also keeps the current reporting window (`StatsWindow`:
+counts, latency and queue-time sketches, batch sizes since the last report); the stats reporter closes
+it every interval with `close_window()`, which swaps in a fresh one (services.inference.reporter).
+
 Updates happen on the event loop thread only (the batcher reports timings back to it), so plain
 numbers suffice. The Prometheus metrics (counters, gauges and histograms) are read from these objects
 when scraped (`InferenceCollector`): the request path takes no locks and does no label lookups.
@@ -26,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from inference import grpc_predict_v2_pb2 as pb
+from services.common.sketch import LatencySketch
 
 _ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _SECONDS_BUCKETS = (
@@ -82,6 +87,37 @@ class _Histogram:
         return buckets, total
 
 
+class StatsWindow:
+    """What one model version did since the last report: the monitor's StatsDelta before encoding.
+
+    `latency` holds the in-server time of successful requests and `queue_time` the batcher wait of
+    executed ones, in microseconds; `batch_sizes` maps rows per execution to executions.
+    """
+
+    __slots__ = ("batch_sizes", "failures", "latency", "queue_time", "started_ns", "success")
+
+    def __init__(self, started_ns: int) -> None:
+        # Wall clock (time.time_ns()) of the window's start.
+        self.started_ns = started_ns
+        self.success = 0
+        self.failures: dict[str, int] = {}
+        self.latency = LatencySketch()
+        self.queue_time = LatencySketch()
+        self.batch_sizes: dict[int, int] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedWindow:
+    """A finished window of one model version, with the gauges read when it closed."""
+
+    name: str
+    version: str
+    window: StatsWindow
+    ended_ns: int
+    in_flight: int
+    queued: int
+
+
 class ModelStats:
     """Cumulative statistics of one loaded model version (reset when it is reloaded, as in Triton)."""
 
@@ -94,7 +130,9 @@ class ModelStats:
         memory_bytes: int = 0,
         memory_type: str = "CPU",
         queued: Callable[[], int] = lambda: 0,
+        windowed: bool = False,
     ) -> None:
+        """`windowed`: also keep per-interval windows for the stats reporter (a monitor is configured)."""
         self.name = name
         self.version = version
         self.backend = backend
@@ -103,6 +141,10 @@ class ModelStats:
         self.memory_type = memory_type
         # Requests waiting in the batcher right now.
         self.queued = queued
+        # Requests inside the server for this version right now (decode to response).
+        self.in_flight: Callable[[], int] = lambda: 0
+        # The open reporting window; None when no monitor is configured.
+        self.window: StatsWindow | None = StatsWindow(time.time_ns()) if windowed else None
         self.success = Duration()
         self.fail = Duration()
         # Failed requests by reason (a lower-case status code name, or "cancelled").
@@ -124,14 +166,24 @@ class ModelStats:
     def record_success(self, total_ns: int) -> None:
         self.success.add(total_ns)
         self.request_seconds.observe(total_ns / 1e9)
+        window = self.window
+        if window is not None:
+            window.success += 1
+            window.latency.add(total_ns / 1000)
 
     def record_failure(self, total_ns: int, reason: str) -> None:
         self.fail.add(total_ns)
         self.failures[reason] = self.failures.get(reason, 0) + 1
+        window = self.window
+        if window is not None:
+            window.failures[reason] = window.failures.get(reason, 0) + 1
 
     def record_queue(self, queue_ns: int) -> None:
         self.queue.add(queue_ns)
         self.queue_seconds.observe(queue_ns / 1e9)
+        window = self.window
+        if window is not None:
+            window.queue_time.add(queue_ns / 1000)
 
     def record_execution(self, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One batch of `rows` rows from `requests` requests ran with these phase durations."""
@@ -152,6 +204,19 @@ class ModelStats:
         compute["input"].observe(input_ns / 1e9)
         compute["infer"].observe(infer_ns / 1e9)
         compute["output"].observe(output_ns / 1e9)
+        window = self.window
+        if window is not None:
+            window.batch_sizes[rows] = window.batch_sizes.get(rows, 0) + 1
+
+    def close_window(self, now_ns: int | None = None) -> ClosedWindow | None:
+        """End the open window at `now_ns` (wall clock, default now) and open the next one; None when
+        this ModelStats keeps no windows. Event loop thread only, like every update."""
+        window = self.window
+        if window is None:
+            return None
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        self.window = StatsWindow(now_ns)
+        return ClosedWindow(self.name, self.version, window, now_ns, self.in_flight(), self.queued())
 
     def to_proto(self) -> pb.ModelStatistics:
         return pb.ModelStatistics(

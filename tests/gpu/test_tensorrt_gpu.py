@@ -199,3 +199,54 @@ async def test_engine_cache_in_object_store(tmp_path):
         first.unload()
         second.unload()
         await store.close()
+
+
+async def test_data_planes_share_one_engine_through_the_store(tmp_path, monkeypatch):
+    """Mesh mode's path: a data plane with the object store builds and uploads the engine on the
+    model's own thread; a second data plane ("another node") loads it without building."""
+    import structlog
+    from prometheus_client import CollectorRegistry
+
+    from inference import grpc_predict_v2_pb2 as pb
+    from services.common.settings import TelemetrySettings
+    from services.common.tracing import setup_telemetry
+    from services.inference.dataplane import DataPlane, ModelSpec
+    from services.inference.settings import InferenceServerSettings
+    from services.inference.tensors import add_raw_input
+
+    store = LocalObjectStore(ObjectStoreSettings(kind=ObjectStoreKind.LOCAL, path=tmp_path / "objects"))
+    await store.ensure_ready()
+    model = mlp_bytes()
+    artifact = tmp_path / "model.onnx"
+    artifact.write_bytes(model)
+    digest = hashlib.sha256(model).hexdigest()
+    key = trt_backend.local_engine_cache_key(digest, "FP32")
+    builds = []
+    real_build = trt_backend.build_engine
+    monkeypatch.setattr(trt_backend, "build_engine", lambda *args: builds.append(1) or real_build(*args))
+    planes = [
+        DataPlane(
+            InferenceServerSettings(backends=["tensorrt"]),
+            registry=CollectorRegistry(),
+            telemetry=setup_telemetry(TelemetrySettings(), "gpu-test"),
+            logger=structlog.get_logger(),
+            backends={"tensorrt": TensorRTBackend},
+            engine_store=store,
+        )
+        for _ in range(2)
+    ]
+    x = _x(3, seed=5)
+    try:
+        for plane in planes:
+            info = await plane.load(ModelSpec("m", "1", artifact, sha256=digest))
+            assert info.backend == "tensorrt" and info.memory_bytes > 0
+            assert await store.exists(key) and len(builds) == 1  # built by the first, fetched by the second
+            request = pb.ModelInferRequest(model_name="m")
+            add_raw_input(request, "x", x)
+            response = await plane.infer(request)
+            y = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(3, 3)
+            np.testing.assert_allclose(y, _ort(model, x), **FP32_TOLERANCE)
+    finally:
+        for plane in planes:
+            await plane.close()
+        await store.close()

@@ -57,7 +57,9 @@ async def running_agent(settings: InferenceSettings) -> AsyncIterator[tuple[Node
     telemetry = setup_telemetry(settings.telemetry, "inference-test")
     etcd = EtcdClient(settings.etcd)
     store = create_object_store(settings.object_store)
-    data_plane = DataPlane(settings.inference, registry=CollectorRegistry(), telemetry=telemetry, logger=logger)
+    data_plane = DataPlane(
+        settings.inference, registry=CollectorRegistry(), telemetry=telemetry, logger=logger, engine_store=store
+    )
     agent = NodeAgent(settings, data_plane, etcd, store, "127.0.0.1:9999", logger)
     await agent.start()
     try:

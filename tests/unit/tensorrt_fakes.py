@@ -448,3 +448,18 @@ def make_tensorrt(version: str = "10.8.0.43", *, strongly_typed_only: bool = Fal
         DataType=DataType,
         state=state,
     )
+
+
+def install(monkeypatch, *, version: str = "10.8.0.43", devices: list | None = None) -> tuple[SimpleNamespace, FakeCudaRuntime]:
+    """Make this process see a fake TensorRT and fake CUDA devices (default: one sm_90) through the
+    backend's import seams; `monkeypatch` undoes it. Returns (fake tensorrt, fake cuda runtime)."""
+    from services.inference.backends import cuda
+    from services.inference.backends import tensorrt as trt_backend
+
+    fake_trt = make_tensorrt(version)
+    fake_rt = FakeCudaRuntime(devices)
+    trt_backend.reset_probe_cache()
+    monkeypatch.setattr(trt_backend, "_import_tensorrt", lambda: fake_trt)
+    monkeypatch.setattr(trt_backend, "_logger_instance", None)
+    monkeypatch.setattr(cuda, "_import_runtime", lambda: fake_rt)
+    return fake_trt, fake_rt

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import abc
 import pathlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from services.common.objectstore.base import ObjectStore
+
+# `run(fn, *args)`: run blocking `fn(*args)` on the model's own thread and await its result.
+Runner = Callable[..., Awaitable[Any]]
 
 
 class BackendUnavailable(RuntimeError):
@@ -68,6 +75,26 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, artifact: pathlib.Path, options: LoadOptions) -> None:
         """Load the artifact; fills `inputs`/`outputs`. Raises BackendLoadError or BackendUnavailable."""
+
+    async def load_shared(
+        self,
+        artifact: pathlib.Path,
+        options: LoadOptions,
+        *,
+        store: ObjectStore,
+        sha256: str,
+        run: Runner,
+    ) -> str | None:
+        """Optional: load through a form of the artifact built once and shared by every node in the
+        object store (TensorRT engines per GPU architecture). The data plane calls it in mesh mode, where
+        `sha256` is the verified digest of `artifact`, before falling back to `load()`.
+
+        Returns how the shared form was obtained ("cache" or "built"), or None when this backend shares
+        nothing for this artifact (the default) and `load()` should be used. Blocking work goes through
+        `run` (the model's own thread). Object-store failures must not fail the load; load errors raise
+        like `load()`.
+        """
+        return None
 
     @property
     def batch_dimension(self) -> bool:

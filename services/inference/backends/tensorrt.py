@@ -4,7 +4,8 @@ TensorRT is optional (the `[gpu]` extra plus NVIDIA's TensorRT wheel). Importing
 imports TensorRT or touches CUDA; `TensorRTBackend.probe()` says whether this node can run it and, if
 not, exactly why, so a node without TensorRT or a GPU never advertises the backend.
 
-Engine cache (the node agent's flow; `load_with_engine_cache` implements it end to end)
+Engine cache (mesh mode: the data plane calls `TensorRTBackend.load_shared`, which runs
+`load_with_engine_cache`; standalone nodes have no object store and build with `load()`)
 ------------------------------------------------------------------------------------------
 Building an engine takes seconds to minutes, and an engine only runs on the GPU architecture and
 TensorRT version it was built with, so built engines live in the object store under
@@ -17,7 +18,7 @@ artifact with TensorRT a node:
 1. computes `local_engine_cache_key(sha256, precision)` (this node's GPU arch and TensorRT version);
 2. fetches that key; on a hit, `backend.load_plan(plan, options)`; if the stored plan does not
    deserialize (corrupt, or built by an incompatible TensorRT), it is treated as a miss;
-3. on a miss, `build_engine(onnx_bytes, options)` (blocking: run it in a thread), uploads the plan to
+3. on a miss, `build_engine(onnx_bytes, options)` (blocking: on the model's thread), uploads the plan to
    the key (best effort: a store outage must not fail the load), then `backend.load_plan(plan, ...)`.
 
 Every later node with the same GPU architecture and TensorRT version reuses the engine. The engine's
@@ -62,6 +63,7 @@ from services.inference.backends.base import (
     BackendLoadError,
     BackendUnavailable,
     LoadOptions,
+    Runner,
     TensorInfo,
 )
 
@@ -511,16 +513,20 @@ async def load_with_engine_cache(
     sha256: str,
     onnx_path: pathlib.Path,
     options: LoadOptions,
+    *,
+    run: Runner | None = None,
 ) -> str:
     """Load the ONNX artifact `onnx_path` (digest `sha256`, already verified) through the engine cache.
 
     Returns "cache" when a stored engine was used, "built" when it was built here (and uploaded).
-    Blocking TensorRT work runs in a thread. Object-store failures never fail the load: a failed get
-    builds locally, a failed put only logs.
+    Blocking TensorRT work goes through `run(fn, *args)` (default: a worker thread; the data plane
+    passes the model's own thread). Object-store failures never fail the load: a failed get builds
+    locally, a failed put only logs.
     """
     from services.common.objectstore.base import ObjectNotFound, ObjectStoreError
 
-    key = await asyncio.to_thread(local_engine_cache_key, sha256, options.precision, options)
+    run = run or asyncio.to_thread
+    key = await run(local_engine_cache_key, sha256, options.precision, options)
     log = _log.bind(key=key)
     try:
         plan = await store.get_bytes(key)
@@ -531,20 +537,31 @@ async def load_with_engine_cache(
         plan = None
     if plan is not None:
         try:
-            await asyncio.to_thread(backend.load_plan, plan, options)
-            log.info("tensorrt engine loaded from cache")
+            await run(backend.load_plan, plan, options)
+            log.info("tensorrt engine loaded from cache", size=len(plan))
             return "cache"
         except BackendLoadError as exc:
             log.warning("cached engine unusable, rebuilding", error=str(exc))
-    onnx_bytes = await asyncio.to_thread(onnx_path.read_bytes)
-    plan = await asyncio.to_thread(build_engine, onnx_bytes, options)
+    try:
+        onnx_bytes = await run(pathlib.Path(onnx_path).read_bytes)
+    except OSError as exc:
+        raise BackendLoadError(f"cannot read artifact {onnx_path}: {exc}") from exc
+    plan = await run(build_engine, onnx_bytes, options)
     try:
         await store.put_bytes(key, plan)
     except ObjectStoreError as exc:
         log.warning("could not upload the built engine", error=str(exc))
-    await asyncio.to_thread(backend.load_plan, plan, options)
+    await run(backend.load_plan, plan, options)
     log.info("tensorrt engine built and loaded", size=len(plan))
     return "built"
+
+
+def _read_head(path: pathlib.Path, size: int = 4) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    except OSError as exc:
+        raise BackendLoadError(f"cannot read artifact {path}: {exc}") from exc
 
 
 # --- the backend -----------------------------------------------------------------------------------------
@@ -608,6 +625,24 @@ class TensorRTBackend(Backend):
         if artifact_format(data, options) == ONNX_FORMAT:
             data = build_engine(data, options)
         self.load_plan(data, options)
+
+    async def load_shared(
+        self,
+        artifact: pathlib.Path,
+        options: LoadOptions,
+        *,
+        store: ObjectStore,
+        sha256: str,
+        run: Runner,
+    ) -> str | None:
+        """ONNX artifacts go through the engine cache (`load_with_engine_cache`); plans load directly."""
+        if not options.use_gpu:
+            raise BackendUnavailable("TensorRT runs only on a GPU, and this load asked for use_gpu=False")
+        await run(_require_tensorrt)
+        head = await run(_read_head, pathlib.Path(artifact))
+        if artifact_format(head, options) != ONNX_FORMAT:
+            return None
+        return await load_with_engine_cache(self, store, sha256, pathlib.Path(artifact), options, run=run)
 
     def load_plan(self, plan: bytes, options: LoadOptions | None = None) -> None:
         """Deserialize a plan (from build_engine or the engine cache) and prepare execution."""

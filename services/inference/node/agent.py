@@ -669,6 +669,8 @@ class NodeAgent:
             options=options,
             batching=batching,
             labels={"deployment": assignment.deployment} if assignment.deployment else {},
+            # Verified by the cache: lets a TensorRT load share its engine through the object store.
+            sha256=assignment.sha256,
         )
 
     async def _unload(self, replica: _Replica) -> None:
