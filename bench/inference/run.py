@@ -368,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             "requests_per_server": per_round * args.rounds,
             "warmup_requests_per_server": args.warmup_requests,
             "rounds": args.rounds,
-            "aimaas": {**aimaas_seq, "config": f"batching on (server default), max_batch_size {max_batch}, max_queue_delay_us {max_delay}"},
+            "aimaas": {**aimaas_seq, "config": (f"batching on, max_batch_size {max_batch}, max_queue_delay_us {max_delay}"
+                                                + (" (server defaults)" if args.max_batch_size is None
+                                                   and args.max_queue_delay_us is None else ""))},
             "aimaas_batching_off": aimaas_seq_off,
             "mlserver": mlserver_seq,
             "mlserver_error": mlserver_error,
@@ -451,10 +453,32 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"report failed its own schema: {problems}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({"sequential": {k: report["sequential"][k] for k in ("ratio_rps_aimaas_over_mlserver",)},
-                      "targets": report["targets"]}, indent=2))
+    print(headline(report))
     print(f"wrote {args.out}")
     return 0
+
+
+def headline(report: dict) -> str:
+    """A few lines to paste into a note: every figure next to its baseline."""
+    seq, conc, over, targets = report["sequential"], report["concurrent"], report["server_overhead"], report["targets"]
+    ml = seq["mlserver"]
+
+    def verdict(name: str) -> str:
+        met = targets[name]["met"]
+        return "not measured" if met is None else ("met" if met else "NOT met")
+
+    lines = [
+        f"(a) sequential batch 1: AIMaaS {seq['aimaas']['rps']} req/s (p50 {seq['aimaas']['p50_ms']} ms, "
+        f"p99 {seq['aimaas']['p99_ms']} ms) vs MLServer "
+        + (f"{ml['rps']} req/s (p50 {ml['p50_ms']} ms, p99 {ml['p99_ms']} ms)" if ml else f"n/a ({(seq['mlserver_error'] or '').splitlines()[0]})")
+        + f" → {seq['ratio_rps_aimaas_over_mlserver']}x (target >= 2x: {verdict('sequential_vs_mlserver')})",
+        f"(b) {conc['clients']} clients: batching on {conc['batching_on']['rps']} req/s (p50 {conc['batching_on']['p50_ms']} ms, "
+        f"p99 {conc['batching_on']['p99_ms']} ms) vs off {conc['batching_off']['rps']} req/s (p50 {conc['batching_off']['p50_ms']} ms, "
+        f"p99 {conc['batching_off']['p99_ms']} ms) → {conc['ratio_rps_on_over_off']}x (target >= 3x: {verdict('batching_on_vs_off')})",
+        f"(c) overhead: AIMaaS p50 {over['aimaas_p50_us']} µs − in-process ONNX Runtime p50 {over['in_process_p50_us']} µs "
+        f"= {over['overhead_us']} µs (MLServer: {over['mlserver_overhead_us']} µs)",
+    ]
+    return "\n".join(lines)
 
 
 def bench_model_run(data: bytes, sample: np.ndarray) -> np.ndarray:

@@ -57,12 +57,23 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         # Bound label children, so a call costs no label lookup (each takes a lock).
         self._totals: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._durations: dict[str, Any] = {}
+        # method → (the handler we wrapped, our wrapper): registered handlers are stable objects, so
+        # a call reuses the wrapper instead of building closures and a handler every time.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler):
         if method.startswith("/grpc.health.v1.Health/") or method.startswith("/grpc.reflection."):
             return handler
         if handler.unary_unary:
@@ -173,7 +184,7 @@ class GrpcService:
             ("grpc.so_reuseport", 0),
         ]
         self.server = grpc.aio.server(
-            interceptors=[telemetry.server_interceptor(), ErrorMappingInterceptor(metrics, logger)],
+            interceptors=[*telemetry.server_interceptors(), ErrorMappingInterceptor(metrics, logger)],
             options=options,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)

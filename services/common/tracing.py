@@ -17,16 +17,23 @@ from services.common.settings import TelemetrySettings
 class Telemetry:
     provider: TracerProvider
     service_name: str
+    # False when spans go nowhere: then no gRPC tracing interceptors are installed at all (they
+    # cost ~40% of a small request's handler time even when spans are not recorded).
+    exporting: bool = True
 
     def tracer(self, name: str) -> Tracer:
         return self.provider.get_tracer(name)
 
-    def server_interceptor(self):
+    def server_interceptors(self) -> list:
+        if not self.exporting:
+            return []
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-        return aio_server_interceptor(tracer_provider=self.provider)
+        return [aio_server_interceptor(tracer_provider=self.provider)]
 
     def client_interceptors(self) -> list:
+        if not self.exporting:
+            return []
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
         return list(aio_client_interceptors(tracer_provider=self.provider))
@@ -57,4 +64,4 @@ def setup_telemetry(
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.otlp_endpoint, insecure=insecure)))
     for processor in extra_processors or ():
         provider.add_span_processor(processor)
-    return Telemetry(provider=provider, service_name=service_name)
+    return Telemetry(provider=provider, service_name=service_name, exporting=exporting)

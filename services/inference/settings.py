@@ -43,8 +43,9 @@ class InferenceServerSettings(ServerSettings):
     load_retry_initial_seconds: Annotated[float, Field(gt=0)] = 0.5
     load_retry_max_seconds: Annotated[float, Field(gt=0)] = 30.0
     load_max_attempts: Annotated[int, Field(ge=1)] = 8
-    # ONNX Runtime threads per model (0: ONNX Runtime decides).
-    intra_op_threads: Annotated[int, Field(ge=0)] = 0
+    # ONNX Runtime threads per model (0: ONNX Runtime decides). One by default: a node serves many
+    # requests and models at once, and per-op thread pools fight the gRPC threads for the cores.
+    intra_op_threads: Annotated[int, Field(ge=0)] = 1
     inter_op_threads: Annotated[int, Field(ge=0)] = 0
     # Backends to try, in order of preference, when the artifact allows several.
     backends: list[str] = ["tensorrt", "onnxruntime"]

@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from bench.inference import model as bench_model
-from bench.inference.run import parse_args
+from bench.inference.run import headline, parse_args
 from bench.inference.stats import (
     call_summary, latency_summary, overhead_section, percentile, ratio, targets_section, validate_report,
 )
@@ -182,3 +182,18 @@ def test_cli_defaults_full_and_quick() -> None:
     assert (quick.requests, quick.rounds, quick.duration, quick.warmup_requests) == (300, 1, 2.0, 50)
     with pytest.raises(SystemExit):
         parse_args(["--client-procs", "65"])
+
+
+def test_headline_quotes_each_figure_with_its_baseline() -> None:
+    text = headline(_report())
+    lines = text.splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith("(a) sequential batch 1: AIMaaS 5000.0 req/s") and "MLServer 1000.0 req/s" in lines[0]
+    assert "5.0x (target >= 2x: met)" in lines[0]
+    assert "batching on 5000.0 req/s" in lines[1] and "off 1000.0 req/s" in lines[1]
+    assert "= 195.0 µs" in lines[2]
+    missing = _report()
+    missing["sequential"] = {**missing["sequential"], "mlserver": None, "mlserver_error": "not installed\ndetails",
+                             "ratio_rps_aimaas_over_mlserver": None}
+    missing["targets"] = targets_section(None, 5.0, 195.0, clients=64, mlserver_error="not installed")
+    assert "MLServer n/a (not installed)" in headline(missing) and "not measured" in headline(missing)
