@@ -26,19 +26,22 @@ CLASSES = 10
 RUNTIME_DIR = pathlib.Path(__file__).resolve().parent / "mlserver_runtime"
 
 
-def build_model() -> onnx.ModelProto:
-    return build(inputs=FEATURES, hidden=256, outputs=CLASSES)
+DEFAULT_HIDDEN = 256
 
 
-def model_bytes() -> bytes:
-    return build_model().SerializeToString()
+def build_model(hidden: int = DEFAULT_HIDDEN) -> onnx.ModelProto:
+    return build(inputs=FEATURES, hidden=hidden, outputs=CLASSES)
 
 
-def describe(data: bytes) -> dict:
+def model_bytes(hidden: int = DEFAULT_HIDDEN) -> bytes:
+    return build_model(hidden).SerializeToString()
+
+
+def describe(data: bytes, hidden: int = DEFAULT_HIDDEN) -> dict:
     return {
         "name": MODEL_NAME,
         "version": MODEL_VERSION,
-        "architecture": f"MLP {FEATURES}→256→{CLASSES} (Gemm, Relu, Gemm), FP32, dynamic batch",
+        "architecture": f"MLP {FEATURES}→{hidden}→{CLASSES} (Gemm, Relu, Gemm), FP32, dynamic batch",
         "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, FEATURES]},
         "output": {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, CLASSES]},
         "onnx_bytes": len(data),

@@ -253,6 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=64, help="concurrent clients in (b)")
     parser.add_argument("--client-procs", type=int, default=1, help="worker processes the (b) clients are spread over")
     parser.add_argument("--duration", type=float, help="seconds measured per (b) round (default 10; quick 2)")
+    parser.add_argument("--hidden", type=int, default=bench_model.DEFAULT_HIDDEN,
+                        help="hidden width of the MLP (a wider one shows what batching does for compute-bound models)")
     parser.add_argument("--max-batch-size", type=int, help="AIMaaS batcher max batch size (default: server default)")
     parser.add_argument("--max-queue-delay-us", type=int, help="AIMaaS batcher max queue delay (default: server default)")
     args = parser.parse_args(argv)
@@ -268,7 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    data = bench_model.model_bytes()
+    data = bench_model.model_bytes(args.hidden)
     batching_defaults = server_defaults()
     max_batch = args.max_batch_size or batching_defaults.get("max_batch_size", 32)
     max_delay = args.max_queue_delay_us if args.max_queue_delay_us is not None else batching_defaults.get("max_queue_delay_us", 500)
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "machine": machine_info(),
         "software": software_info(args.mlserver_venv),
-        "model": bench_model.describe(data),
+        "model": bench_model.describe(data, args.hidden),
     }
 
     calls = 2000 if args.quick else 20000
