@@ -642,6 +642,10 @@ class EtcdClient:
                 create = rpc.WatchCreateRequest(key=key, range_end=range_end, start_revision=next_revision or 0)
                 await asyncio.wait_for(call.write(rpc.WatchRequest(create_request=create)), self._timeout)
                 created = await asyncio.wait_for(call.read(), self._timeout)
+                if _really_cancelled():
+                    # Python 3.11's wait_for returns the result, swallowing a cancellation that arrived
+                    # as the call completed; without this the watch would then wait forever.
+                    raise asyncio.CancelledError
                 if created is grpc.aio.EOF:
                     raise EtcdUnavailable("watch stream closed")
                 if not created.compact_revision and not created.canceled:

@@ -72,6 +72,14 @@ class KeyBuilder:
     def deployment(self, name: str) -> str:
         return f"{self.deployments_prefix()}{_segment(name, 'deployment name')}"
 
+    def deployment_statuses_prefix(self) -> str:
+        """Observed state of deployments, written by the leading scheduler (not under `deployments/`,
+        whose values are all DeploymentSpec records)."""
+        return f"{self.namespace}/deployment-status/"
+
+    def deployment_status(self, name: str) -> str:
+        return f"{self.deployment_statuses_prefix()}{_segment(name, 'deployment name')}"
+
     def nodes_prefix(self) -> str:
         return f"{self.namespace}/nodes/"
 
@@ -140,6 +148,10 @@ class KeyBuilder:
 
     def parse_deployment_key(self, key: str) -> str | None:
         rest = self._rest(key, self.deployments_prefix(), 1)
+        return rest[0] if rest else None
+
+    def parse_deployment_status_key(self, key: str) -> str | None:
+        rest = self._rest(key, self.deployment_statuses_prefix(), 1)
         return rest[0] if rest else None
 
     def parse_node_key(self, key: str) -> str | None:

@@ -82,6 +82,10 @@ class Session:
                 self._log.info("etcd lease keep-alive failed, retrying", lease=f"{self._lease_id:x}", error=str(exc))
                 delay = min(_RETRY_SECONDS, interval)
                 continue
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Python 3.11's wait_for can swallow a cancellation that arrives as the call completes.
+                raise asyncio.CancelledError
             if ttl <= 0:
                 self._mark_lost("lease expired on the server")
                 return

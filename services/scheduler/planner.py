@@ -1,0 +1,606 @@
+"""Pure reconcile planning: from a snapshot of the cluster (as read from etcd) to the writes that move
+it toward the declared deployments. No I/O and no clock: `now` and everything time-dependent come in
+as arguments, so every rule here is unit-tested without etcd.
+
+Per deployment (oldest first, so older deployments keep priority for scarce capacity):
+
+1. Resolve the traffic split: aliases → versions (an alias and a version naming the same version add
+   up). A target that no longer resolves holds the deployment where it is (condition Unschedulable,
+   reason TargetNotFound).
+2. Serving state: the version weights in the stored DeploymentStatus (`VersionStatus.weight`) are what
+   routing uses. They change only when every version of the new split has its desired READY replicas
+   ("switch"); until then old versions keep their replicas (zero-downtime rollout), and their
+   assignments are deleted in the same pass that switches the weights.
+3. A version of a rollout that reports FAILED on any node is rolled back: its assignments go, the
+   weights stay on the serving versions, and the status keeps the version (weight 0, desired 0) with
+   the FAILED replica statuses and a RolledBack condition. That entry is how a later leader knows not
+   to retry it for the same spec generation; a new generation (any spec change) retries.
+4. Replica counts: total = autoscaler's decision clamped to [min, max], split by weight with the
+   largest-remainder method, and at least one replica per version that receives traffic.
+5. Per version: keep assignments on live, capable nodes; drop extras (FAILED, unreported, LOADING
+   before READY; most loaded nodes first); place the missing ones with the Placer; a FAILED replica of
+   a serving version is moved to another node after `failed_replica_retry_seconds`.
+6. Every scheduler-written assignment (it names its deployment) or assignment of a deployed model
+   that no deployment wants (dead nodes, deleted deployments, finished rollouts) is deleted; status
+   records of deleted deployments are deleted. Hand-written assignments (no deployment, model not
+   deployed) are left alone, though their memory counts in placement.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from aimaas.registry.v1 import registry_pb2 as rpb
+from aimaas.scheduler.v1 import scheduler_pb2 as spb
+from aimaas.types.v1 import types_pb2 as tpb
+from services.scheduler.placement import ANY_BACKEND, NodeCapacity, Placer, Pool, ReplicaRequest
+
+M = TypeVar("M", bound=Message)
+
+LOADING = tpb.REPLICA_STATE_LOADING
+READY = tpb.REPLICA_STATE_READY
+FAILED = tpb.REPLICA_STATE_FAILED
+UNLOADING = tpb.REPLICA_STATE_UNLOADING
+
+# Condition types.
+COND_READY = "Ready"
+COND_PROGRESSING = "Progressing"
+COND_UNSCHEDULABLE = "Unschedulable"
+COND_ROLLED_BACK = "RolledBack"
+
+ReplicaKey = tuple[str, str, int]  # (node id, model, version)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored(Generic[M]):
+    """A record as read from etcd, with the revisions that guard writes to it."""
+
+    value: M
+    mod_revision: int = 0
+    create_revision: int = 0
+
+
+@dataclass
+class Snapshot:
+    deployments: dict[str, Stored[spb.DeploymentSpec]] = field(default_factory=dict)
+    statuses: dict[str, Stored[spb.DeploymentStatus]] = field(default_factory=dict)
+    versions: dict[tuple[str, int], rpb.ModelVersion] = field(default_factory=dict)
+    aliases: dict[tuple[str, str], int] = field(default_factory=dict)
+    nodes: dict[str, spb.Node] = field(default_factory=dict)
+    assignments: dict[ReplicaKey, Stored[spb.Assignment]] = field(default_factory=dict)
+    replicas: dict[ReplicaKey, spb.ReplicaStatus] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    memory_estimate_factor: float = 2.0
+    memory_estimate_min_bytes: int = 16 * 1024 * 1024
+    failed_replica_retry_seconds: float = 30.0
+
+
+@dataclass
+class Plan:
+    # (key, value, expected mod revision; 0: the key must not exist)
+    assignment_puts: list[tuple[ReplicaKey, spb.Assignment, int]] = field(default_factory=list)
+    assignment_deletes: list[tuple[ReplicaKey, int]] = field(default_factory=list)
+    status_puts: list[tuple[str, spb.DeploymentStatus, int]] = field(default_factory=list)
+    status_deletes: list[tuple[str, int]] = field(default_factory=list)
+    # Replicas that failed on a node and were taken off it: avoid that node for the version a while.
+    avoid: list[ReplicaKey] = field(default_factory=list)
+    # Replica total used per deployment.
+    totals: dict[str, int] = field(default_factory=dict)
+    # Wall-clock time when a time-based rule changes the plan (None: only a change does).
+    wake_at: float | None = None
+
+    def empty(self) -> bool:
+        return not (self.assignment_puts or self.assignment_deletes or self.status_puts or self.status_deletes)
+
+
+def split_replicas(total: int, weights: Mapping[int, int]) -> dict[int, int]:
+    """Replicas per version: `total` split by weight (largest remainder, ties to the newer version),
+    at least one for every version with weight > 0 when total > 0 (so the sum may exceed total)."""
+    if total <= 0 or not weights:
+        return {version: 0 for version in weights}
+    weight_sum = sum(weights.values()) or 1
+    exact = {v: total * w / weight_sum for v, w in weights.items()}
+    counts = {v: math.floor(x) for v, x in exact.items()}
+    left = total - sum(counts.values())
+    for v in sorted(weights, key=lambda v: (-(exact[v] - counts[v]), -v))[:left]:
+        counts[v] += 1
+    for v, w in weights.items():
+        if w > 0 and counts[v] == 0:
+            counts[v] = 1
+    return counts
+
+
+def default_total(spec: spb.DeploymentSpec) -> int:
+    """Replicas before the autoscaler has said anything: min_replicas, and one for min 0."""
+    return clamp_total(spec, max(spec.min_replicas, 1))
+
+
+def clamp_total(spec: spb.DeploymentSpec, total: int) -> int:
+    upper = max(spec.max_replicas, spec.min_replicas)
+    return max(spec.min_replicas, min(total, upper))
+
+
+def requirement(spec: spb.DeploymentSpec, version: rpb.ModelVersion | None) -> tuple[int, Pool]:
+    """(backend an assignment asks for, memory pool it uses) for a version of a deployment."""
+    if version is not None and version.format == tpb.MODEL_FORMAT_TENSORRT_PLAN:
+        return tpb.BACKEND_TENSORRT, Pool.GPU
+    if spec.accelerator == tpb.ACCELERATOR_GPU:
+        return tpb.BACKEND_TENSORRT, Pool.GPU
+    if spec.accelerator == tpb.ACCELERATOR_CPU:
+        return tpb.BACKEND_ONNXRUNTIME, Pool.HOST
+    return ANY_BACKEND, Pool.HOST
+
+
+def _same_assignment(a: spb.Assignment, b: spb.Assignment) -> bool:
+    """Equal apart from the fencing token (rewriting only that would make nodes re-read for nothing)."""
+    left, right = spb.Assignment(), spb.Assignment()
+    left.CopyFrom(a)
+    right.CopyFrom(b)
+    left.ClearField("leader_revision")
+    right.ClearField("leader_revision")
+    return left == right
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _seconds(stamp: Timestamp) -> float:
+    return stamp.seconds + stamp.nanos / 1e9
+
+
+def _versions_text(weights: Mapping[int, int]) -> str:
+    return ", ".join(f"{v} ({w}%)" for v, w in sorted(weights.items())) or "none"
+
+
+@dataclass
+class _DeploymentOutcome:
+    """What one deployment's planning found, for its status."""
+
+    unschedulable: list[tuple[str, str]] = field(default_factory=list)
+    failed_replicas: list[spb.ReplicaStatus] = field(default_factory=list)
+
+
+class _Planner:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        *,
+        now: float,
+        wanted: Mapping[str, int],
+        unschedulable_nodes: frozenset[str] | set[str],
+        avoid: frozenset[ReplicaKey] | set[ReplicaKey],
+        leader_revision: int,
+        config: PlannerConfig,
+    ) -> None:
+        self.s = snapshot
+        self.now = now
+        self.wanted = wanted
+        self.avoid = avoid
+        self.leader_revision = leader_revision
+        self.config = config
+        self.plan = Plan()
+        self.desired_keys: set[ReplicaKey] = set()
+        # (model, version) -> node ids with an assignment / a replica status
+        self.assigned: dict[tuple[str, int], list[str]] = defaultdict(list)
+        self.reported: dict[tuple[str, int], list[str]] = defaultdict(list)
+        for node, model, version in snapshot.assignments:
+            self.assigned[(model, version)].append(node)
+        for node, model, version in snapshot.replicas:
+            self.reported[(model, version)].append(node)
+        self.placer = Placer(self._capacities(unschedulable_nodes))
+
+    # -- cluster view ------------------------------------------------------------------------------
+
+    def memory_estimate(self, model: str, version: int) -> int:
+        """Measured memory of the version where a node reported it, else artifact size x factor."""
+        measured = [
+            self.s.replicas[(node, model, version)].memory_bytes
+            for node in self.reported.get((model, version), ())
+            if self.s.replicas[(node, model, version)].state == READY
+        ]
+        measured = [m for m in measured if m > 0]
+        if measured:
+            return max(measured)
+        record = self.s.versions.get((model, version))
+        size = record.size_bytes if record is not None else 0
+        return max(self.config.memory_estimate_min_bytes, int(size * self.config.memory_estimate_factor))
+
+    def _capacities(self, unschedulable: frozenset[str] | set[str]) -> list[NodeCapacity]:
+        capacities: dict[str, NodeCapacity] = {}
+        for node_id, node in self.s.nodes.items():
+            capacities[node_id] = NodeCapacity(
+                id=node_id,
+                backends=frozenset(node.backends),
+                accelerator=node.accelerator,
+                host_capacity=node.memory_capacity_bytes,
+                gpu_capacity=node.gpu_memory_capacity_bytes,
+                cached=frozenset(node.cached_sha256),
+                schedulable=node_id not in unschedulable,
+            )
+        for key in set(self.s.assignments) | set(self.s.replicas):
+            capacity = capacities.get(key[0])
+            if capacity is None:
+                continue
+            status = self.s.replicas.get(key)
+            stored = self.s.assignments.get(key)
+            tensorrt = (status is not None and status.backend == tpb.BACKEND_TENSORRT) or (
+                stored is not None and stored.value.backend == tpb.BACKEND_TENSORRT
+            )
+            if status is not None and (status.memory_bytes or status.gpu_memory_bytes):
+                memory, gpu_memory = status.memory_bytes, status.gpu_memory_bytes
+            elif stored is not None and (status is None or status.state != FAILED):
+                memory, gpu_memory = self.memory_estimate(key[1], key[2]), 0
+            else:
+                memory, gpu_memory = 0, 0
+            if tensorrt and not gpu_memory:
+                capacity.gpu_used += memory
+            else:
+                capacity.host_used += memory
+                capacity.gpu_used += gpu_memory
+            if stored is not None:
+                capacity.replicas += 1
+        return list(capacities.values())
+
+    def ready_count(self, model: str, version: int) -> int:
+        count = 0
+        for node in self.assigned.get((model, version), ()):
+            status = self.s.replicas.get((node, model, version))
+            if node in self.s.nodes and status is not None and status.state == READY:
+                count += 1
+        return count
+
+    def _live_statuses(self, model: str, version: int) -> list[spb.ReplicaStatus]:
+        statuses = []
+        for node in sorted(self.assigned.get((model, version), ())):
+            status = self.s.replicas.get((node, model, version))
+            if node in self.s.nodes and status is not None:
+                statuses.append(status)
+        return statuses
+
+    def _wake(self, at: float) -> None:
+        if self.plan.wake_at is None or at < self.plan.wake_at:
+            self.plan.wake_at = at
+
+    # -- the plan ---------------------------------------------------------------------------------
+
+    def run(self) -> Plan:
+        owners: dict[str, str] = {}
+        ordered = sorted(self.s.deployments.items(), key=lambda item: (item[1].create_revision, item[0]))
+        for name, stored in ordered:
+            owner = owners.setdefault(stored.value.model, name)
+            self._deployment(name, stored.value, owner)
+        for key, stored in self.s.assignments.items():
+            # Ours: written for a deployment, or of a deployed model. Assignments written by hand
+            # (no deployment, model not deployed) are left alone.
+            if key not in self.desired_keys and (stored.value.deployment or key[1] in owners):
+                self.plan.assignment_deletes.append((key, stored.mod_revision))
+        for name, stored in self.s.statuses.items():
+            if name not in self.s.deployments:
+                self.plan.status_deletes.append((name, stored.mod_revision))
+        return self.plan
+
+    def _resolve(self, spec: spb.DeploymentSpec) -> tuple[dict[int, int], list[str]]:
+        target: dict[int, int] = {}
+        problems: list[str] = []
+        for entry in spec.traffic:
+            if entry.WhichOneof("target") == "alias":
+                version = self.s.aliases.get((spec.model, entry.alias))
+                if version is None:
+                    problems.append(f"alias {entry.alias!r} of model {spec.model!r} not found")
+                    continue
+            else:
+                version = entry.version
+            if (spec.model, version) not in self.s.versions:
+                problems.append(f"version {version} of model {spec.model!r} not found")
+                continue
+            target[version] = target.get(version, 0) + entry.weight
+        return target, problems
+
+    def _deployment(self, name: str, spec: spb.DeploymentSpec, owner: str) -> None:
+        stored_status = self.s.statuses.get(name)
+        old = stored_status.value if stored_status is not None else spb.DeploymentStatus()
+        outcome = _DeploymentOutcome()
+        model = spec.model
+
+        if owner != name:
+            outcome.unschedulable.append(
+                ("ModelInUse", f"model {model!r} is already deployed by deployment {owner!r}; one deployment per model")
+            )
+            self._write_status(name, spec, old, stored_status, {}, {}, {}, {}, outcome, 0)
+            return
+
+        serving = {vs.version: vs.weight for vs in old.versions if vs.weight > 0}
+        same_generation = old.observed_generation == spec.generation
+        rolled_back: dict[int, spb.VersionStatus] = {
+            vs.version: vs
+            for vs in old.versions
+            if same_generation
+            and vs.weight == 0
+            and vs.desired_replicas == 0
+            and any(r.state == FAILED for r in vs.replicas)
+        }
+        target, problems = self._resolve(spec)
+        if problems:
+            outcome.unschedulable.append(("TargetNotFound", "; ".join(problems)))
+            target = dict(serving)
+        if serving and any(v in rolled_back and v not in serving for v in target):
+            target = dict(serving)  # rolled back earlier in this generation: stay there
+        if not serving:
+            serving = dict(target)  # first rollout: nothing to keep serving meanwhile
+
+        # A new version that fails anywhere rolls the deployment back.
+        if target != serving:
+            for version in sorted(target):
+                if version in serving:
+                    continue
+                failed = [st for st in self._live_statuses(model, version) if st.state == FAILED]
+                if failed:
+                    rolled_back[version] = spb.VersionStatus(version=version, replicas=failed)
+            if any(v in rolled_back for v in target if v not in serving):
+                target = dict(serving)
+
+        total = clamp_total(spec, self.wanted.get(name, default_total(spec)))
+        self.plan.totals[name] = total
+        target_counts = split_replicas(total, target)
+        serving_counts = split_replicas(total, serving)
+        if target != serving and all(self.ready_count(model, v) >= c for v, c in target_counts.items()):
+            serving, serving_counts = dict(target), target_counts  # the switch: new capacity is READY
+        if target == serving:
+            desired = dict(target_counts)
+        else:
+            desired = {
+                v: max(target_counts.get(v, 0), serving_counts.get(v, 0)) for v in set(target) | set(serving)
+            }
+
+        placed: dict[int, list[str]] = {}
+        for version in sorted(desired):
+            placed[version] = self._version(name, spec, version, desired[version], serving, outcome)
+
+        self._write_status(
+            name, spec, old, stored_status, target, serving, desired, rolled_back, outcome, total, placed
+        )
+
+    def _assignment(self, name: str, spec: spb.DeploymentSpec, record: rpb.ModelVersion, node: str) -> spb.Assignment:
+        backend, _ = requirement(spec, record)
+        assignment = spb.Assignment(
+            node_id=node,
+            model=record.model,
+            version=record.version,
+            sha256=record.sha256,
+            format=record.format,
+            backend=backend,
+            precision=spec.precision,
+            deployment=name,
+            leader_revision=self.leader_revision,
+        )
+        if spec.HasField("batching"):
+            assignment.batching.CopyFrom(spec.batching)
+        return assignment
+
+    def _version(
+        self,
+        name: str,
+        spec: spb.DeploymentSpec,
+        version: int,
+        count: int,
+        serving: Mapping[int, int],
+        outcome: _DeploymentOutcome,
+    ) -> list[str]:
+        """Keep, trim and place the assignments of one version; returns the nodes it is assigned to."""
+        model = spec.model
+        record = self.s.versions.get((model, version))
+        backend, pool = requirement(spec, record)
+        retry = self.config.failed_replica_retry_seconds
+        kept: list[str] = []
+        for node in sorted(self.assigned.get((model, version), ())):
+            if node not in self.s.nodes:
+                continue  # dead node: garbage-collected below
+            if backend != ANY_BACKEND and backend not in self.s.nodes[node].backends:
+                continue  # the node cannot run it (any more): moved elsewhere
+            status = self.s.replicas.get((node, model, version))
+            if status is not None and status.state == FAILED:
+                outcome.failed_replicas.append(status)
+                failed_at = _seconds(status.updated)
+                if self.now - failed_at >= retry:
+                    self.plan.avoid.append((node, model, version))
+                    continue
+                self._wake(failed_at + retry)
+            kept.append(node)
+
+        if len(kept) > count:
+            def removal_order(node: str) -> tuple[int, float]:
+                status = self.s.replicas.get((node, model, version))
+                rank = {FAILED: 0, LOADING: 2, UNLOADING: 1, READY: 3}.get(status.state, 1) if status else 1
+                capacity = self.placer.node(node)
+                return rank, -(capacity.load(pool) if capacity is not None else 0.0)
+
+            kept = sorted(kept, key=removal_order)[len(kept) - count :]
+
+        for node in kept:
+            key = (node, model, version)
+            self.desired_keys.add(key)
+            if record is None:
+                continue
+            want = self._assignment(name, spec, record, node)
+            stored = self.s.assignments[key]
+            if not _same_assignment(stored.value, want):
+                self.plan.assignment_puts.append((key, want, stored.mod_revision))
+
+        missing = count - len(kept)
+        if missing > 0:
+            if record is None:
+                outcome.unschedulable.append(("VersionNotFound", f"version {version} of model {model!r} not found"))
+                return kept
+            exclude = set(self.assigned.get((model, version), ())) | set(self.reported.get((model, version), ()))
+            exclude.update(node for node, m, v in self.avoid if m == model and v == version)
+            exclude.update(node for node, m, v in self.plan.avoid if m == model and v == version)
+            placement = self.placer.place(
+                ReplicaRequest(
+                    key=(model, version),
+                    count=missing,
+                    memory_bytes=self.memory_estimate(model, version),
+                    backend=backend,
+                    pool=pool,
+                    sha256=record.sha256,
+                    exclude=frozenset(exclude),
+                    accelerator=spec.accelerator,
+                )
+            )
+            for node in placement.nodes:
+                key = (node, model, version)
+                self.desired_keys.add(key)
+                self.plan.assignment_puts.append((key, self._assignment(name, spec, record, node), 0))
+                kept.append(node)
+            if placement.unplaced:
+                outcome.unschedulable.append(
+                    (placement.reason, f"version {version}: {placement.unplaced} replica(s) not placed: {placement.message}")
+                )
+        return kept
+
+    # -- status -----------------------------------------------------------------------------------
+
+    def _write_status(
+        self,
+        name: str,
+        spec: spb.DeploymentSpec,
+        old: spb.DeploymentStatus,
+        stored: Stored[spb.DeploymentStatus] | None,
+        target: Mapping[int, int],
+        serving: Mapping[int, int],
+        desired: Mapping[int, int],
+        rolled_back: Mapping[int, spb.VersionStatus],
+        outcome: _DeploymentOutcome,
+        total: int,
+        placed: Mapping[int, list[str]] | None = None,
+    ) -> None:
+        placed = placed or {}
+        status = spb.DeploymentStatus(observed_generation=spec.generation)
+        ready: dict[int, int] = {}
+        for version in sorted(set(desired) | set(serving) | set(rolled_back)):
+            if version in rolled_back and version not in desired:
+                entry = spb.VersionStatus()
+                entry.CopyFrom(rolled_back[version])
+                entry.weight, entry.desired_replicas, entry.ready_replicas = 0, 0, 0
+                status.versions.append(entry)
+                continue
+            replicas = [
+                self.s.replicas[(node, spec.model, version)]
+                for node in sorted(placed.get(version, ()))
+                if (node, spec.model, version) in self.s.replicas
+            ]
+            ready[version] = sum(1 for r in replicas if r.state == READY)
+            status.versions.append(
+                spb.VersionStatus(
+                    version=version,
+                    weight=serving.get(version, 0),
+                    desired_replicas=desired.get(version, 0),
+                    ready_replicas=ready[version],
+                    replicas=replicas,
+                )
+            )
+
+        conditions: list[tuple[str, bool, str, str]] = []
+        rolling = dict(target) != dict(serving) and bool(target)
+        lagging = {v: (ready.get(v, 0), c) for v, c in desired.items() if ready.get(v, 0) < c}
+        serving_failed = [r for r in outcome.failed_replicas if r.version in serving]
+        if not serving and not outcome.unschedulable:
+            conditions.append((COND_READY, False, "NoTarget", "nothing to serve"))
+        elif total == 0 and serving:
+            conditions.append(
+                (COND_READY, False, "ScaledToZero", "no replicas: EnsureReplicas (or traffic, with a load signal) brings them back")
+            )
+        elif serving and all(ready.get(v, 0) >= max(desired.get(v, 0), 1) for v in serving):
+            conditions.append((COND_READY, True, "ReplicasReady", f"serving versions {_versions_text(serving)}"))
+        elif serving_failed:
+            first = serving_failed[0]
+            conditions.append(
+                (COND_READY, False, "ReplicaFailed", f"version {first.version} failed on node {first.node_id}: {first.reason}")
+            )
+        else:
+            detail = ", ".join(f"version {v}: {r}/{c} ready" for v, (r, c) in sorted(lagging.items())) or "waiting"
+            conditions.append((COND_READY, False, "ReplicasNotReady", detail))
+
+        if rolling:
+            waiting = ", ".join(f"version {v}: {ready.get(v, 0)}/{desired.get(v, 0)} ready" for v in sorted(target))
+            conditions.append(
+                (
+                    COND_PROGRESSING,
+                    True,
+                    "RollingOut",
+                    f"rolling out to {_versions_text(target)} ({waiting}); traffic stays on {_versions_text(serving)}",
+                )
+            )
+        elif lagging:
+            detail = ", ".join(f"version {v}: {r}/{c} ready" for v, (r, c) in sorted(lagging.items()))
+            conditions.append((COND_PROGRESSING, True, "Scaling", detail))
+        else:
+            conditions.append((COND_PROGRESSING, False, "Complete", f"{total} replica(s) per the spec"))
+
+        if outcome.unschedulable:
+            reason = outcome.unschedulable[0][0]
+            message = "; ".join(dict.fromkeys(m for _, m in outcome.unschedulable))
+            conditions.append((COND_UNSCHEDULABLE, True, reason, message))
+        else:
+            conditions.append((COND_UNSCHEDULABLE, False, "Scheduled", "every desired replica is placed"))
+
+        failed_versions = [rolled_back[v] for v in sorted(rolled_back) if v not in desired]
+        if failed_versions:
+            parts = []
+            for entry in failed_versions:
+                replica = next((r for r in entry.replicas if r.state == FAILED), None)
+                where = f" on node {replica.node_id}: {replica.reason}" if replica is not None else ""
+                parts.append(f"version {entry.version} failed to load{where}")
+            message = "; ".join(parts) + f"; traffic stays on {_versions_text(serving)}"
+            conditions.append((COND_ROLLED_BACK, True, "LoadFailed", message))
+
+        previous = {c.type: c for c in old.conditions}
+        for kind, state, reason, message in conditions:
+            condition = spb.Condition(type=kind, status=state, reason=reason, message=message)
+            before = previous.get(kind)
+            if before is not None and before.status == state:
+                condition.last_transition.CopyFrom(before.last_transition)
+            else:
+                condition.last_transition.CopyFrom(_timestamp(self.now))
+            status.conditions.append(condition)
+
+        if stored is None or stored.value != status:
+            self.plan.status_puts.append((name, status, stored.mod_revision if stored is not None else 0))
+
+
+def plan(
+    snapshot: Snapshot,
+    *,
+    now: float,
+    wanted: Mapping[str, int] | None = None,
+    unschedulable_nodes: frozenset[str] | set[str] = frozenset(),
+    avoid: frozenset[ReplicaKey] | set[ReplicaKey] = frozenset(),
+    leader_revision: int = 0,
+    config: PlannerConfig | None = None,
+) -> Plan:
+    """The writes that move `snapshot` toward its deployments (see the module docstring).
+
+    `now`: wall-clock seconds. `wanted`: replica totals from the autoscaler (default: min, or 1).
+    `unschedulable_nodes`: nodes that get no new replicas (probation). `avoid`: (node, model, version)
+    where the version failed lately."""
+    return _Planner(
+        snapshot,
+        now=now,
+        wanted=wanted or {},
+        unschedulable_nodes=unschedulable_nodes,
+        avoid=avoid,
+        leader_revision=leader_revision,
+        config=config or PlannerConfig(),
+    ).run()

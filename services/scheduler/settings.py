@@ -1,0 +1,55 @@
+"""Settings of the scheduler process (`AIMAAS_SCHEDULER__*` plus the shared blocks)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from services.common.settings import CommonSettings, ServerSettings
+
+
+class SchedulerServerSettings(ServerSettings):
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] = 8201
+    metrics_port: Annotated[int, Field(ge=-1, le=65535)] = 8202
+    # Address other schedulers use to reach this one (EnsureReplicas is forwarded to the leader);
+    # default: host:grpc_port.
+    advertise_address: str = ""
+
+    # -- reconciler -------------------------------------------------------------------------------
+    # Changes arriving within this window are reconciled in one pass.
+    reconcile_debounce_seconds: Annotated[float, Field(ge=0, le=10)] = 0.05
+    # A full pass also runs this often without any change (safety net; passes are watch-driven).
+    reconcile_resync_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Memory of a replica whose load has not been measured yet: artifact size x factor, at least min.
+    memory_estimate_factor: Annotated[float, Field(ge=1)] = 2.0
+    memory_estimate_min_bytes: Annotated[int, Field(ge=0)] = 16 * 1024 * 1024
+    # A replica that FAILED on a node of a serving version is moved elsewhere after this long; the
+    # node is avoided for that version for as long again.
+    failed_replica_retry_seconds: Annotated[float, Field(ge=0)] = 30.0
+
+    # -- failover: flapping nodes ----------------------------------------------------------------
+    # A node that re-registers within this window after its record vanished is flapping...
+    node_flap_window_seconds: Annotated[float, Field(ge=0)] = 60.0
+    # ...and gets no new placements for this long (doubled per further flap, up to the maximum).
+    node_probation_seconds: Annotated[float, Field(ge=0)] = 10.0
+    node_probation_max_seconds: Annotated[float, Field(ge=0)] = 300.0
+
+    # -- autoscaling -----------------------------------------------------------------------------
+    autoscale_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
+    # Monitor address (host:port) serving GetLoadSignal; empty: node-reported statistics only.
+    monitor_address: str = ""
+    # Fall back to the nodes' own ModelStatistics when the monitor has no (fresh) signal.
+    node_stats_fallback: bool = True
+    # A signal older than this is not acted on.
+    signal_max_age_seconds: Annotated[float, Field(gt=0)] = 30.0
+    # Defaults when a deployment's AutoscalingPolicy leaves them 0.
+    scale_up_stabilization_seconds: Annotated[float, Field(ge=0)] = 0.0
+    scale_down_stabilization_seconds: Annotated[float, Field(ge=0)] = 300.0
+    scale_to_zero_after_seconds: Annotated[float, Field(ge=0)] = 900.0
+    # Largest max_replicas a deployment may ask for.
+    max_replicas_limit: Annotated[int, Field(ge=1)] = 1000
+
+
+class SchedulerSettings(CommonSettings):
+    scheduler: SchedulerServerSettings = SchedulerServerSettings()
