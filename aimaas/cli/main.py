@@ -7,6 +7,7 @@ import pathlib
 
 import click
 
+from aimaas.cli.deploy import deploy, predict
 from aimaas.cli.environment import CliEnvironment, InvalidEnvironment
 from aimaas.cli.mesh import Mesh, UpOptions, status_table
 from aimaas.cli.models import DEFAULT_STATE_DIR, models
@@ -101,6 +102,8 @@ def status(state_dir: pathlib.Path, as_json: bool, timeout: float) -> None:
 
 
 cli.add_command(models)
+cli.add_command(deploy)
+cli.add_command(predict)
 
 
 def main() -> None:

@@ -1,0 +1,67 @@
+"""`aimaas deploy` and `aimaas predict` end to end: a real mesh (etcd, registry, scheduler, inference node)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.test_cli import Mesh, needs_etcd, ok, start_mesh
+from tests.support.models import mlp_bytes
+
+pytestmark = needs_etcd
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    running = start_mesh(tmp_path_factory.mktemp("deploy-mesh"))
+    try:
+        yield running
+    finally:
+        ok(running.cli("down"))
+
+
+@pytest.fixture(scope="module")
+def pushed_mlp(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("models") / "mlp.onnx"
+    path.write_bytes(mlp_bytes())
+    ok(mesh.cli("models", "push", path, "--name", "mlp"))
+    return "mlp"
+
+
+def test_deploy_waits_ready_then_predict(mesh: Mesh, pushed_mlp: str) -> None:
+    deployed = ok(mesh.cli("deploy", pushed_mlp, "--min", "1", "--timeout", "60"))
+    assert "deployment mlp: model mlp" in deployed.stdout
+    assert "1/1 replicas ready" in deployed.stdout
+    assert "endpoint 127.0.0.1:" in deployed.stdout
+    assert "waiting:" in deployed.stderr
+
+    again = json.loads(ok(mesh.cli("deploy", pushed_mlp, "--version", "1", "--json")).stdout)
+    assert again["spec"]["name"] == "mlp"
+    assert again["endpoints"] and again["endpoints"][0]["version"] == "1"
+
+    result = json.loads(ok(mesh.cli("predict", pushed_mlp, "--random", "--batch", "2", "--json")).stdout)
+    assert result["model_name"] == "mlp"
+    [output] = result["outputs"]
+    assert output["name"] == "y" and output["datatype"] == "FP32"
+    assert output["shape"] == [2, 3]
+    assert len(output["data"]) == 2 and all(len(row) == 3 for row in output["data"])
+
+    explicit = ok(mesh.cli("predict", pushed_mlp, "--input", "x=[[1, 2, 3, 4]]"))
+    assert "y FP32 [1, 3]" in explicit.stdout
+
+
+def test_deploy_unknown_model_is_not_found(mesh: Mesh) -> None:
+    result = mesh.cli("deploy", "no-such-model", "--timeout", "5")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: NOT_FOUND: "), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_deploy_unknown_version_is_not_found(mesh: Mesh, pushed_mlp: str) -> None:
+    result = mesh.cli("deploy", pushed_mlp, "--version", "99", "--name", "mlp-missing")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: NOT_FOUND: "), result.stderr
+    assert "Traceback" not in result.stderr
