@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import TypeVar
@@ -43,3 +44,19 @@ async def prefetch(source: AsyncIterable[T], depth: int) -> AsyncIterator[T]:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await reader
+
+
+class Backoff:
+    """Exponential backoff with jitter, so many clients do not retry a recovering server in lockstep."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self._initial, self._maximum = initial, max(initial, maximum)
+        self._next = initial
+
+    def reset(self) -> None:
+        self._next = self._initial
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self._next * 2, self._maximum)
+        return delay * random.uniform(0.8, 1.2)

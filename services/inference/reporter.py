@@ -23,7 +23,6 @@ half-closes the stream, so the monitor's response reports how many deltas it acc
 from __future__ import annotations
 
 import asyncio
-import random
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -34,6 +33,7 @@ import psutil
 
 from aimaas.monitor.v1 import monitor_pb2 as mpb
 from aimaas.monitor.v1 import monitor_pb2_grpc as mpb_grpc
+from services.common.aio import Backoff
 from services.common.sketch import LatencySketch
 from services.inference.settings import InferenceServerSettings
 from services.inference.stats import ClosedWindow
@@ -147,22 +147,6 @@ class ResourceSampler:
             return
         usage.gpu_memory_total_bytes = total
         usage.gpu_memory_used_bytes = max(0, total - free)
-
-
-class _Backoff:
-    """Exponential backoff with jitter (many nodes must not reconnect to a recovering monitor in lockstep)."""
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        self._initial, self._maximum = initial, max(initial, maximum)
-        self._next = initial
-
-    def reset(self) -> None:
-        self._next = self._initial
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self._next * 2, self._maximum)
-        return delay * random.uniform(0.8, 1.2)
 
 
 class _StreamBroken(Exception):
@@ -322,7 +306,7 @@ class StatsReporter:
     # -- sending ---------------------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
-        backoff = _Backoff(self._retry_initial, self._retry_max)
+        backoff = Backoff(self._retry_initial, self._retry_max)
         while True:
             if self._closing and not self._buffer:
                 return
@@ -353,7 +337,7 @@ class StatsReporter:
                 return
             await asyncio.sleep(backoff.next())
 
-    async def _stream(self, call: Any, backoff: _Backoff) -> None:
+    async def _stream(self, call: Any, backoff: Backoff) -> None:
         """Write queued reports to `call` until closing with an empty buffer; _StreamBroken when it fails."""
         while True:
             while not self._buffer:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
@@ -20,6 +19,7 @@ import aetcd.rpc as rpc
 import grpc
 import structlog
 
+from services.common.aio import Backoff
 from services.common.etcd.keys import KeyBuilder
 from services.common.settings import EtcdSettings
 
@@ -255,23 +255,6 @@ def _op_response(response: rpc.ResponseOp) -> OpResponse:
     if which == "response_delete_range":
         return OpResponse("delete", deleted=response.response_delete_range.deleted)
     return OpResponse("put")
-
-
-class _Backoff:
-    """Exponential backoff with jitter, so many watchers do not reconnect in lockstep."""
-
-    def __init__(self, initial: float = 0.1, maximum: float = 2.0) -> None:
-        self._initial = initial
-        self._maximum = maximum
-        self._next = initial
-
-    def reset(self) -> None:
-        self._next = self._initial
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self._next * 2, self._maximum)
-        return delay * random.uniform(0.8, 1.2)
 
 
 class EtcdClient:
@@ -631,7 +614,7 @@ class EtcdClient:
 
     async def _watch(self, key: bytes, range_end: bytes, start_revision: int | None) -> AsyncIterator[WatchEvent]:
         next_revision = start_revision
-        backoff = _Backoff()
+        backoff = Backoff(0.1, 2.0)
         while not self._closed:
             call = None
             generation = -1

@@ -18,6 +18,7 @@ from typing import TypeVar
 import aetcd.rpc as rpc
 import structlog
 
+from services.common.aio import Backoff
 from services.common.etcd.client import (
     Compare,
     EtcdClient,
@@ -27,7 +28,6 @@ from services.common.etcd.client import (
     Op,
     SessionLost,
     _b,
-    _Backoff,
     _prefix_end,
 )
 from services.common.etcd.session import Session
@@ -75,7 +75,7 @@ class Election:
         if self.is_leader:
             await self.proclaim(value)
             return
-        backoff = _Backoff(maximum=1.0)
+        backoff = Backoff(0.1, 1.0)
         try:
             while True:
                 self._session.ensure_alive()

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import BinaryIO
 
+from services.common.files import fsync_dir
 from services.common.objectstore.base import (
     DigestMismatch,
     ObjectInfo,
@@ -34,20 +35,6 @@ from services.common.settings import ObjectStoreSettings
 _TMP_DIR = ".tmp"
 # Temp files older than this are leftovers of a crashed process.
 _STALE_TMP_SECONDS = 24 * 3600
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    # Makes a rename durable; some filesystems refuse fsync on directories, which is harmless.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _info(key: str, st: os.stat_result) -> ObjectInfo:
@@ -90,7 +77,7 @@ class _TempObject:
             self._file = None
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.path, dst)
-            _fsync_dir(dst.parent)
+            fsync_dir(dst.parent)
 
     def discard(self) -> None:
         with self._lock:
@@ -241,10 +228,10 @@ class LocalObjectStore(ObjectStore):
                     src.unlink(missing_ok=True)
                     return False
                 os.replace(src, dst)
-                _fsync_dir(dst.parent)
+                fsync_dir(dst.parent)
                 return True
             src.unlink()
-            _fsync_dir(dst.parent)
+            fsync_dir(dst.parent)
             return True
 
         try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
-import random
 import socket
 import time
 from collections.abc import Awaitable, Iterable
@@ -26,6 +25,7 @@ import psutil
 
 from aimaas.scheduler.v1 import scheduler_pb2 as spb
 from aimaas.types.v1 import types_pb2 as tpb
+from services.common.aio import Backoff
 from services.common.etcd import (
     CodecError,
     EtcdClient,
@@ -56,23 +56,6 @@ _GPU_BACKENDS = frozenset({"tensorrt"})
 _PRECISIONS = {tpb.PRECISION_FP16: "FP16", tpb.PRECISION_INT8: "INT8", tpb.PRECISION_FP32: "FP32"}
 # etcd's default limit is 128 operations per transaction.
 _TXN_OPS = 64
-
-
-class _Backoff:
-    """Exponential backoff with jitter, so many nodes do not hammer a recovering etcd in lockstep."""
-
-    def __init__(self, initial: float = 0.2, maximum: float = 2.0) -> None:
-        self._initial = initial
-        self._maximum = maximum
-        self._next = initial
-
-    def reset(self) -> None:
-        self._next = self._initial
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self._next * 2, self._maximum)
-        return delay * random.uniform(0.8, 1.2)
 
 
 class _LoadFailure(Exception):
@@ -304,7 +287,7 @@ class NodeAgent:
                         self._dirty.discard(key)
 
     async def _flush_loop(self) -> None:
-        backoff = _Backoff()
+        backoff = Backoff(0.2, 2.0)
         while True:
             await self._dirty_event.wait()
             self._dirty_event.clear()
@@ -326,7 +309,7 @@ class NodeAgent:
         """Register under a session; when it is lost (etcd unreachable past the TTL), register again
         under a new one as soon as etcd answers. Loaded models are never touched by this."""
         # etcd restarts in ~1 s: a short ceiling re-registers soon after it answers.
-        backoff = _Backoff(maximum=1.0)
+        backoff = Backoff(0.2, 1.0)
         outage_logged = False
         while True:
             session = Session(self._etcd, self._ttl)
@@ -396,7 +379,7 @@ class NodeAgent:
     async def _watch_assignments(self) -> None:
         """Consistent list-then-watch of this node's assignments; re-lists after a compaction reset."""
         prefix = self._keys.assignments_prefix(self.node_id)
-        backoff = _Backoff()
+        backoff = Backoff(0.2, 2.0)
         while True:
             try:
                 revision = await self._etcd.current_revision()

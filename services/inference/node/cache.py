@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 
 import structlog
 
+from services.common.files import fsync_dir
 from services.common.objectstore import ObjectStore
 from services.common.objectstore.keys import blob_key, check_sha256
 
@@ -40,20 +41,6 @@ class CorruptArtifact(Exception):
         super().__init__(f"sha256 mismatch: expected {expected}, got {actual}")
         self.expected = expected
         self.actual = actual
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    # Makes a rename durable; some filesystems refuse fsync on directories, which is harmless.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class ArtifactCache:
@@ -287,7 +274,7 @@ class ArtifactCache:
         os.fsync(handle.fileno())
         handle.close()
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     @staticmethod
     def _discard(handle: BinaryIO, tmp: pathlib.Path) -> None:
