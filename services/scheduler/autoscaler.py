@@ -375,6 +375,20 @@ class Autoscaler:
                 del self._states[name]
         return {name: self.total(name, spec, statuses.get(name)) for name, spec in specs.items()}
 
+    def idle_since(self) -> dict[str, float]:
+        """Per deployment, since when (this autoscaler's clock) its signal shows no traffic. Absent:
+        traffic seen, no signal, or never sampled (unknown is not idle)."""
+        return {name: state.idle_since for name, state in self._states.items() if state.idle_since is not None}
+
+    def evicted(self, name: str, count: int, spec: spb.DeploymentSpec) -> None:
+        """`count` idle replicas were evicted for room: run as many fewer (not below min; 0 with min 0
+        is scaled to zero, brought back by traffic or EnsureReplicas)."""
+        state = self._states.get(name)
+        if state is None or count <= 0:
+            return
+        state.current = max(spec.min_replicas, state.current - count)
+        state.history.clear()
+
     def activate(self, name: str) -> None:
         """EnsureReplicas: bring a deployment scaled to zero back (and reset its idle clock)."""
         self._activations.add(name)
@@ -388,7 +402,8 @@ class Autoscaler:
         statuses: Mapping[str, spb.DeploymentStatus],
         replicas: Mapping[tuple[str, int], list[spb.ReplicaStatus]],
     ) -> bool:
-        """Sample and decide for every autoscaled deployment; True when a total changed."""
+        """Sample and decide for every autoscaled deployment; True when a total changed, or a
+        deployment became idle or active (eviction candidates for the planner)."""
         changed = False
         now = self._clock()
         for name, spec in specs.items():
@@ -405,7 +420,7 @@ class Autoscaler:
                     )
                 except Exception:  # noqa: BLE001 - a broken signal means "unknown", never a crash
                     self._log.exception("load signal failed", deployment=name)
-            before = state.current
+            before, was_idle = state.current, state.idle_since is not None
             activated = name in self._activations
             self._activations.discard(name)
             after = decide(policy_of(spec, **self._defaults), state, sample, now, activated=activated)
@@ -413,6 +428,8 @@ class Autoscaler:
                 changed = True
                 self._log.info("autoscaling", deployment=name, replicas_from=before, replicas_to=after,
                                in_flight=sample.in_flight if sample else None, qps=sample.qps if sample else None)
+            elif was_idle != (state.idle_since is not None):
+                changed = True  # became idle or active: eviction candidates changed (a pass re-plans)
         return changed
 
     async def close(self) -> None:

@@ -19,7 +19,9 @@ Data structures (see bench/placement): one binary heap of nodes per capability c
 with lazy invalidation (a stamp per node), and an index digest → nodes caching it. Placing k
 replicas costs O(k log n) plus the nodes skipped for spread or memory, not a scan of every node.
 
-Not done here (yet): evicting idle models least-recently-used when no node has room (density).
+Eviction of idle replicas (density) is decided by the planner, which knows which replicas are idle;
+the placer only offers the primitives it needs (`eligible`, `release`, `add_usage`), used on the
+insufficient-memory path alone, so the common path stays as fast as before.
 """
 
 from __future__ import annotations
@@ -154,6 +156,31 @@ class Placer:
         i = self._index.get(node_id)
         if i is not None:
             self._commit(i, memory, pool)
+
+    def eligible(self, node_id: str, request: ReplicaRequest) -> bool:
+        """Could the node take a replica of `request` if it had the memory (capability, probation,
+        exclusion)?"""
+        node = self.node(node_id)
+        return (
+            node is not None
+            and node.schedulable
+            and node.id not in request.exclude
+            and self._capable(node, request.backend)
+        )
+
+    def release(self, node_id: str, host_memory: int, gpu_memory: int) -> None:
+        """Forget a replica of the node (evicted): its memory is free again."""
+        i = self._index.get(node_id)
+        if i is None:
+            return
+        node = self.nodes[i]
+        node.host_used -= host_memory
+        node.gpu_used -= gpu_memory
+        node.replicas = max(0, node.replicas - 1)
+        self._stamp[i] += 1
+        for (backend, heap_pool), heap in self._heaps.items():
+            if node.schedulable and self._capable(node, backend):
+                heapq.heappush(heap, (node.load(heap_pool), node.replicas, self._stamp[i], i))
 
     def place(self, request: ReplicaRequest) -> Placement:
         result = Placement()

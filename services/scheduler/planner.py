@@ -24,15 +24,28 @@ Per deployment (oldest first, so older deployments keep priority for scarce capa
    that no deployment wants (dead nodes, deleted deployments, finished rollouts) is deleted; status
    records of deleted deployments are deleted. Hand-written assignments (no deployment, model not
    deployed) are left alone, though their memory counts in placement.
+7. Eviction (density): when a replica cannot be placed for lack of memory on any capable node, idle
+   replicas are evicted least-recently-used first to make room (`_make_room`). Evictable: a READY
+   replica, on a live node, of another deployment whose load signal has shown no traffic for at least
+   `evict_idle_after_seconds` (`idle_since`; unknown activity is never idle), that serves exactly one
+   version and is not rolling out, and only as many of its replicas as it runs above its
+   `min_replicas` (so only autoscaled deployments lose replicas: min 0 ones can go to zero, others
+   keep their guarantee). The node chosen is the one needing the fewest evictions (then the oldest
+   idle ones); the evictions and the new placement are planned in the same pass, the evicted
+   deployment's replica total drops by as many (`Plan.evictions`: the reconciler tells the
+   autoscaler) and its status carries an `Evicted` condition. Traffic or EnsureReplicas brings it
+   back through the autoscaler's scale-from-zero path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -54,6 +67,7 @@ COND_READY = "Ready"
 COND_PROGRESSING = "Progressing"
 COND_UNSCHEDULABLE = "Unschedulable"
 COND_ROLLED_BACK = "RolledBack"
+COND_EVICTED = "Evicted"
 
 ReplicaKey = tuple[str, str, int]  # (node id, model, version)
 
@@ -83,6 +97,9 @@ class PlannerConfig:
     memory_estimate_factor: float = 2.0
     memory_estimate_min_bytes: int = 16 * 1024 * 1024
     failed_replica_retry_seconds: float = 30.0
+    # A deployment idle (no traffic in its load signal) this long may lose replicas above its min to
+    # make room for a placement (LRU eviction).
+    evict_idle_after_seconds: float = 300.0
 
 
 @dataclass
@@ -98,6 +115,8 @@ class Plan:
     totals: dict[str, int] = field(default_factory=dict)
     # Wall-clock time when a time-based rule changes the plan (None: only a change does).
     wake_at: float | None = None
+    # Replicas evicted (idle, LRU) to make room, per deployment: its total dropped by as many.
+    evictions: dict[str, list[ReplicaKey]] = field(default_factory=dict)
 
     def empty(self) -> bool:
         return not (self.assignment_puts or self.assignment_deletes or self.status_puts or self.status_deletes)
@@ -173,6 +192,15 @@ class _DeploymentOutcome:
     failed_replicas: list[spb.ReplicaStatus] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Victim:
+    """An idle replica that may be evicted."""
+
+    idle_since: float
+    key: ReplicaKey
+    deployment: str
+
+
 class _Planner:
     def __init__(
         self,
@@ -184,8 +212,15 @@ class _Planner:
         avoid: frozenset[ReplicaKey] | set[ReplicaKey],
         leader_revision: int,
         config: PlannerConfig,
+        idle_since: Mapping[str, float] | None = None,
     ) -> None:
         self.s = snapshot
+        self.idle_since = idle_since or {}
+        # Eviction state, built lazily on the first placement short of memory.
+        self._victims: dict[str, list[_Victim]] | None = None
+        self._evict_budget: dict[str, int] = {}
+        self.evicted: dict[ReplicaKey, str] = {}  # key -> message
+        self._pending_status: dict[str, dict[str, Any]] = {}
         self.now = now
         self.wanted = wanted
         self.avoid = avoid
@@ -234,25 +269,29 @@ class _Planner:
             capacity = capacities.get(key[0])
             if capacity is None:
                 continue
-            status = self.s.replicas.get(key)
-            stored = self.s.assignments.get(key)
-            tensorrt = (status is not None and status.backend == tpb.BACKEND_TENSORRT) or (
-                stored is not None and stored.value.backend == tpb.BACKEND_TENSORRT
-            )
-            if status is not None and (status.memory_bytes or status.gpu_memory_bytes):
-                memory, gpu_memory = status.memory_bytes, status.gpu_memory_bytes
-            elif stored is not None and (status is None or status.state != FAILED):
-                memory, gpu_memory = self.memory_estimate(key[1], key[2]), 0
-            else:
-                memory, gpu_memory = 0, 0
-            if tensorrt and not gpu_memory:
-                capacity.gpu_used += memory
-            else:
-                capacity.host_used += memory
-                capacity.gpu_used += gpu_memory
-            if stored is not None:
+            host, gpu = self._usage(key)
+            capacity.host_used += host
+            capacity.gpu_used += gpu
+            if key in self.s.assignments:
                 capacity.replicas += 1
         return list(capacities.values())
+
+    def _usage(self, key: ReplicaKey) -> tuple[int, int]:
+        """(host, GPU) memory a replica counts for on its node: measured, else estimated."""
+        status = self.s.replicas.get(key)
+        stored = self.s.assignments.get(key)
+        tensorrt = (status is not None and status.backend == tpb.BACKEND_TENSORRT) or (
+            stored is not None and stored.value.backend == tpb.BACKEND_TENSORRT
+        )
+        if status is not None and (status.memory_bytes or status.gpu_memory_bytes):
+            memory, gpu_memory = status.memory_bytes, status.gpu_memory_bytes
+        elif stored is not None and (status is None or status.state != FAILED):
+            memory, gpu_memory = self.memory_estimate(key[1], key[2]), 0
+        else:
+            memory, gpu_memory = 0, 0
+        if tensorrt and not gpu_memory:
+            return 0, memory
+        return memory, gpu_memory
 
     def ready_count(self, model: str, version: int) -> int:
         count = 0
@@ -282,6 +321,9 @@ class _Planner:
         for name, stored in ordered:
             owner = owners.setdefault(stored.value.model, name)
             self._deployment(name, stored.value, owner)
+        # Statuses last: a later deployment's placement may have evicted replicas of an earlier one.
+        for name, args in self._pending_status.items():
+            self._write_status(name, **args)
         for key, stored in self.s.assignments.items():
             # Ours: written for a deployment, or of a deployed model. Assignments written by hand
             # (no deployment, model not deployed) are left alone.
@@ -319,7 +361,10 @@ class _Planner:
             outcome.unschedulable.append(
                 ("ModelInUse", f"model {model!r} is already deployed by deployment {owner!r}; one deployment per model")
             )
-            self._write_status(name, spec, old, stored_status, {}, {}, {}, {}, outcome, 0)
+            self._pending_status[name] = dict(
+                spec=spec, old=old, stored=stored_status, target={}, serving={}, desired={},
+                rolled_back={}, outcome=outcome, total=0,
+            )  # fmt: skip
             return
 
         serving = {vs.version: vs.weight for vs in old.versions if vs.weight > 0}
@@ -365,13 +410,122 @@ class _Planner:
                 v: max(target_counts.get(v, 0), serving_counts.get(v, 0)) for v in set(target) | set(serving)
             }
 
+        for node, m, version in [key for key, victim in self._evicted_of(name)]:
+            # Evicted earlier in this pass (to make room for an older deployment): not replaced.
+            if desired.get(version, 0) > 0:
+                desired[version] -= 1
+                total -= 1
+        self.plan.totals[name] = total
+
         placed: dict[int, list[str]] = {}
         for version in sorted(desired):
             placed[version] = self._version(name, spec, version, desired[version], serving, outcome)
 
-        self._write_status(
-            name, spec, old, stored_status, target, serving, desired, rolled_back, outcome, total, placed
-        )
+        self._pending_status[name] = dict(
+            spec=spec, old=old, stored=stored_status, target=target, serving=serving, desired=desired,
+            rolled_back=rolled_back, outcome=outcome, total=total, placed=placed,
+        )  # fmt: skip
+
+    def _evicted_of(self, name: str) -> list[tuple[ReplicaKey, str]]:
+        keys = self.plan.evictions.get(name)
+        return [(key, self.evicted[key]) for key in keys] if keys else []
+
+    # -- eviction (density) -------------------------------------------------------------------------
+
+    def _build_victims(self) -> dict[str, list[_Victim]]:
+        victims: dict[str, list[_Victim]] = defaultdict(list)
+        after = self.config.evict_idle_after_seconds
+        for name, stored in self.s.deployments.items():
+            spec = stored.value
+            idle = self.idle_since.get(name)
+            if idle is None:
+                continue  # traffic, or unknown activity: never evicted
+            if self.now - idle < after:
+                self._wake(idle + after)  # a placement waits for room: look again when it may be evicted
+                continue
+            status = self.s.statuses.get(name)
+            if status is None:
+                continue
+            versions = [vs for vs in status.value.versions if vs.weight > 0 or vs.desired_replicas > 0]
+            if len(versions) != 1 or versions[0].weight <= 0:
+                continue  # several versions, or a rollout: left alone
+            version = versions[0].version
+            total = clamp_total(spec, self.wanted.get(name, default_total(spec)))
+            budget = total - spec.min_replicas
+            if budget <= 0:
+                continue  # never below min
+            self._evict_budget[name] = budget
+            for node in self.assigned.get((spec.model, version), ()):
+                key = (node, spec.model, version)
+                replica = self.s.replicas.get(key)
+                if node not in self.s.nodes or replica is None or replica.state != READY:
+                    continue
+                if self.s.assignments[key].value.deployment != name:
+                    continue
+                victims[node].append(_Victim(idle, key, name))
+        for node_victims in victims.values():
+            node_victims.sort(key=lambda v: (v.idle_since, v.key))  # least recently used first
+        return victims
+
+    def _make_room(self, name: str, request: ReplicaRequest) -> str | None:
+        """Evict idle replicas (LRU) on the node where the fewest (then the oldest) free enough
+        memory for one replica of `request`; returns that node (its memory committed), or None."""
+        if self._victims is None:
+            self._victims = self._build_victims()
+        need, pool = request.memory_bytes, request.pool
+        best: tuple[tuple[int, float, str], list[_Victim]] | None = None
+        for node_id, candidates in self._victims.items():
+            if not candidates or not self.placer.eligible(node_id, request):
+                continue
+            capacity = self.placer.node(node_id)
+            free = capacity.free(pool)
+            taken: dict[str, int] = {}
+            picks: list[_Victim] = []
+            for victim in candidates:
+                if victim.deployment == name or taken.get(victim.deployment, 0) >= self._evict_budget[victim.deployment]:
+                    continue
+                host, gpu = self._usage(victim.key)
+                freed = gpu if pool is Pool.GPU else host
+                if freed <= 0:
+                    continue
+                picks.append(victim)
+                taken[victim.deployment] = taken.get(victim.deployment, 0) + 1
+                free += freed
+                if free >= need:
+                    break
+            if free < need or not picks:
+                continue
+            rank = (len(picks), max(v.idle_since for v in picks), node_id)
+            if best is None or rank < best[0]:
+                best = (rank, picks)
+        if best is None:
+            return None
+        node_id = best[0][2]
+        model, version = request.key
+        for victim in best[1]:
+            self._victims[node_id].remove(victim)
+            self._evict_budget[victim.deployment] -= 1
+            host, gpu = self._usage(victim.key)
+            self.placer.release(node_id, host, gpu)
+            since = datetime.fromtimestamp(victim.idle_since, tz=UTC).isoformat(timespec="seconds")
+            self.evicted[victim.key] = (
+                f"version {victim.key[2]} on node {node_id}: idle since {since}, "
+                f"room for model {model!r} version {version}"
+            )
+            self.plan.evictions.setdefault(victim.deployment, []).append(victim.key)
+            self.desired_keys.discard(victim.key)
+            self.plan.assignment_puts = [put for put in self.plan.assignment_puts if put[0] != victim.key]
+            pending = self._pending_status.get(victim.deployment)
+            if pending is not None:  # planned earlier in this pass: its counts drop now
+                v = victim.key[2]
+                if v in pending.get("placed", {}) and node_id in pending["placed"][v]:
+                    pending["placed"][v].remove(node_id)
+                if pending["desired"].get(v, 0) > 0:
+                    pending["desired"][v] -= 1
+                    pending["total"] -= 1
+                    self.plan.totals[victim.deployment] = pending["total"]
+        self.placer.add_usage(node_id, need, pool)
+        return node_id
 
     def _assignment(self, name: str, spec: spb.DeploymentSpec, record: rpb.ModelVersion, node: str) -> spb.Assignment:
         backend, _ = requirement(spec, record)
@@ -406,8 +560,8 @@ class _Planner:
         retry = self.config.failed_replica_retry_seconds
         kept: list[str] = []
         for node in sorted(self.assigned.get((model, version), ())):
-            if node not in self.s.nodes:
-                continue  # dead node: garbage-collected below
+            if node not in self.s.nodes or (node, model, version) in self.evicted:
+                continue  # dead node (garbage-collected below), or evicted in this pass
             if backend != ANY_BACKEND and backend not in self.s.nodes[node].backends:
                 continue  # the node cannot run it (any more): moved elsewhere
             status = self.s.replicas.get((node, model, version))
@@ -447,18 +601,27 @@ class _Planner:
             exclude = set(self.assigned.get((model, version), ())) | set(self.reported.get((model, version), ()))
             exclude.update(node for node, m, v in self.avoid if m == model and v == version)
             exclude.update(node for node, m, v in self.plan.avoid if m == model and v == version)
-            placement = self.placer.place(
-                ReplicaRequest(
-                    key=(model, version),
-                    count=missing,
-                    memory_bytes=self.memory_estimate(model, version),
-                    backend=backend,
-                    pool=pool,
-                    sha256=record.sha256,
-                    exclude=frozenset(exclude),
-                    accelerator=spec.accelerator,
-                )
+            request = ReplicaRequest(
+                key=(model, version),
+                count=missing,
+                memory_bytes=self.memory_estimate(model, version),
+                backend=backend,
+                pool=pool,
+                sha256=record.sha256,
+                exclude=frozenset(exclude),
+                accelerator=spec.accelerator,
             )
+            placement = self.placer.place(request)
+            while placement.unplaced and placement.reason == "InsufficientMemory":
+                # Density: make room by evicting idle replicas, least recently used first.
+                room = dataclasses.replace(request, count=1, exclude=request.exclude | set(placement.nodes))
+                node = self._make_room(name, room)
+                if node is None:
+                    break
+                placement.nodes.append(node)
+                placement.unplaced -= 1
+            if not placement.unplaced:
+                placement.reason = placement.message = ""
             for node in placement.nodes:
                 key = (node, model, version)
                 self.desired_keys.add(key)
@@ -556,6 +719,18 @@ class _Planner:
         else:
             conditions.append((COND_UNSCHEDULABLE, False, "Scheduled", "every desired replica is placed"))
 
+        evicted = [message for key, message in self._evicted_of(name)]
+        if evicted:
+            conditions.append(
+                (COND_EVICTED, True, "IdleEvicted", f"{len(evicted)} idle replica(s) evicted: " + "; ".join(evicted))
+            )
+        else:
+            before = next((c for c in old.conditions if c.type == COND_EVICTED and c.status), None)
+            old_total = sum(vs.desired_replicas for vs in old.versions if vs.weight > 0)
+            if before is not None and total <= old_total:
+                # Kept until the deployment scales back up (traffic or EnsureReplicas).
+                conditions.append((COND_EVICTED, True, before.reason, before.message))
+
         failed_versions = [rolled_back[v] for v in sorted(rolled_back) if v not in desired]
         if failed_versions:
             parts = []
@@ -589,12 +764,14 @@ def plan(
     avoid: frozenset[ReplicaKey] | set[ReplicaKey] = frozenset(),
     leader_revision: int = 0,
     config: PlannerConfig | None = None,
+    idle_since: Mapping[str, float] | None = None,
 ) -> Plan:
     """The writes that move `snapshot` toward its deployments (see the module docstring).
 
     `now`: wall-clock seconds. `wanted`: replica totals from the autoscaler (default: min, or 1).
     `unschedulable_nodes`: nodes that get no new replicas (probation). `avoid`: (node, model, version)
-    where the version failed lately."""
+    where the version failed lately. `idle_since`: per deployment, since when (wall-clock, like
+    `now`) its load signal shows no traffic; absent: unknown or active (never evicted)."""
     return _Planner(
         snapshot,
         now=now,
@@ -603,4 +780,5 @@ def plan(
         avoid=avoid,
         leader_revision=leader_revision,
         config=config or PlannerConfig(),
+        idle_since=idle_since,
     ).run()

@@ -220,6 +220,7 @@ class Reconciler:
             memory_estimate_factor=settings.memory_estimate_factor,
             memory_estimate_min_bytes=settings.memory_estimate_min_bytes,
             failed_replica_retry_seconds=settings.failed_replica_retry_seconds,
+            evict_idle_after_seconds=settings.evict_idle_after_seconds,
         )
         self._flaps = FlapTracker(
             settings.node_flap_window_seconds, settings.node_probation_seconds, settings.node_probation_max_seconds
@@ -320,11 +321,19 @@ class Reconciler:
             avoid=set(self._avoid),
             leader_revision=election.leader_revision,
             config=self._config,
+            # The autoscaler's clock is monotonic; the planner's is the wall clock.
+            idle_since={name: wall - (monotonic - t) for name, t in self._autoscaler.idle_since().items()},
         )
         for key in result.avoid:
             self._avoid[key] = monotonic + max(self._settings.failed_replica_retry_seconds, 1.0)
         self.passes += 1
         wrote = await self._write(result, cache, election)
+        if wrote:
+            for name, keys in result.evictions.items():
+                self._log.info("idle replicas evicted for room", deployment=name, replicas=[list(k) for k in keys])
+                stored = snapshot.deployments.get(name)
+                if stored is not None:
+                    self._autoscaler.evicted(name, len(keys), stored.value)
         if self._metrics is not None:
             self._metrics.observe_pass(time.perf_counter() - started, result)
         deadlines = [d for d in (probation_ends, *(self._avoid.values())) if d is not None]

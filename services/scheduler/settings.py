@@ -47,6 +47,9 @@ class SchedulerServerSettings(ServerSettings):
     scale_up_stabilization_seconds: Annotated[float, Field(ge=0)] = 0.0
     scale_down_stabilization_seconds: Annotated[float, Field(ge=0)] = 300.0
     scale_to_zero_after_seconds: Annotated[float, Field(ge=0)] = 900.0
+    # Density: a deployment whose load signal shows no traffic for this long may lose replicas above
+    # its min_replicas (least recently used first) when a placement needs the memory.
+    evict_idle_after_seconds: Annotated[float, Field(ge=0)] = 300.0
     # Largest max_replicas a deployment may ask for.
     max_replicas_limit: Annotated[int, Field(ge=1)] = 1000
 
