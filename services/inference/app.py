@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from inference import grpc_predict_v2_pb2 as pb
+from services.common.aio import run_service
 from services.common.grpc_server import GrpcService, reflection_pool_of
 from services.common.logs import configure_logging
 from services.common.metrics import Metrics, MetricsEndpoint
@@ -237,4 +238,4 @@ def settings_from_args(args: argparse.Namespace, settings: InferenceSettings) ->
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     settings = settings_from_args(args, load_settings(InferenceSettings))
-    asyncio.run(serve(settings))
+    run_service(serve(settings))

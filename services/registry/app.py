@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 
 from aimaas.registry.v1 import registry_pb2
+from services.common.aio import run_service
 from services.common.etcd import EtcdClient
 from services.common.grpc_server import GrpcService
 from services.common.logs import configure_logging
@@ -82,4 +82,4 @@ async def serve(settings: RegistrySettings) -> None:
 
 
 def main() -> None:
-    asyncio.run(serve(load_settings(RegistrySettings)))
+    run_service(serve(load_settings(RegistrySettings)))

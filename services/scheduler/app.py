@@ -11,6 +11,7 @@ import asyncio
 from prometheus_client import Counter, Gauge, Histogram
 
 from aimaas.scheduler.v1 import scheduler_pb2
+from services.common.aio import run_service
 from services.common.etcd import EtcdClient
 from services.common.grpc_server import GrpcService
 from services.common.logs import configure_logging
@@ -160,4 +161,4 @@ async def serve(settings: SchedulerSettings) -> None:
 
 
 def main() -> None:
-    asyncio.run(serve(load_settings(SchedulerSettings)))
+    run_service(serve(load_settings(SchedulerSettings)))
