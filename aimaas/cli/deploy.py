@@ -16,10 +16,9 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 from rich.markup import escape
 
+from aimaas.cli.state import service_address
 from aimaas.cli.models import DEFAULT_STATE_DIR, resolve_registry
 from aimaas.cli.output import CliError, current, rpc_error
-from aimaas.cli.ports import DEFAULT_PORTS, LOOPBACK
-from aimaas.cli.state import StateError, load_state
 from aimaas.registry.v1 import registry_pb2, registry_pb2_grpc
 from aimaas.scheduler.v1 import scheduler_pb2 as spb
 from aimaas.scheduler.v1 import scheduler_pb2_grpc
@@ -39,16 +38,7 @@ _NUMPY = {
 
 def resolve_scheduler(explicit: str | None, state_dir: pathlib.Path) -> str:
     """--scheduler, else the scheduler recorded by `aimaas up` in the state dir, else the default port."""
-    if explicit:
-        return explicit
-    try:
-        state = load_state(state_dir.resolve())
-    except StateError:
-        state = None
-    record = state.find("scheduler") if state is not None else None
-    if record is not None and "grpc" in record.endpoints:
-        return record.endpoints["grpc"]
-    return f"{LOOPBACK}:{DEFAULT_PORTS['scheduler']['grpc']}"
+    return service_address("scheduler", explicit, state_dir)
 
 
 @contextmanager

@@ -25,9 +25,8 @@ from rich.progress import (
 from rich.markup import escape
 from rich.table import Table
 
+from aimaas.cli.state import service_address
 from aimaas.cli.output import current, human_bytes, rpc_error
-from aimaas.cli.ports import DEFAULT_PORTS, LOOPBACK
-from aimaas.cli.state import StateError, load_state
 from aimaas.client import RegistryClient, file_digest, upload_deadline
 from aimaas.registry.v1 import registry_pb2 as pb
 from aimaas.types.v1 import types_pb2
@@ -41,16 +40,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def resolve_registry(explicit: str | None, state_dir: pathlib.Path) -> str:
     """--registry, else the registry recorded by `aimaas up` in the state dir, else the default port."""
-    if explicit:
-        return explicit
-    try:
-        state = load_state(state_dir.resolve())
-    except StateError:
-        state = None
-    record = state.find("registry") if state is not None else None
-    if record is not None and "grpc" in record.endpoints:
-        return record.endpoints["grpc"]
-    return f"{LOOPBACK}:{DEFAULT_PORTS['registry']['grpc']}"
+    return service_address("registry", explicit, state_dir)
 
 
 def registry_options(command: F) -> F:

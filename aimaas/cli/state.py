@@ -10,6 +10,8 @@ from typing import Any
 
 import psutil
 
+from aimaas.cli.ports import DEFAULT_PORTS, LOOPBACK
+
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 # psutil derives create_time from clock ticks; allow for rounding between two reads.
@@ -114,3 +116,17 @@ def save_state(state_dir: pathlib.Path, state: MeshState) -> None:
 
 def remove_state(state_dir: pathlib.Path) -> None:
     state_path(state_dir).unlink(missing_ok=True)
+
+
+def service_address(name: str, explicit: str | None, state_dir: pathlib.Path) -> str:
+    """An explicit HOST:PORT, else the gRPC address `aimaas up` recorded for `name`, else its default port."""
+    if explicit:
+        return explicit
+    try:
+        state = load_state(state_dir.resolve())
+    except StateError:
+        state = None
+    record = state.find(name) if state is not None else None
+    if record is not None and "grpc" in record.endpoints:
+        return record.endpoints["grpc"]
+    return f"{LOOPBACK}:{DEFAULT_PORTS[name]['grpc']}"

@@ -7,7 +7,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import structlog
@@ -265,3 +265,21 @@ class GrpcService:
             except Exception:  # noqa: BLE001 - shutdown continues whatever a hook does
                 self._log.exception("shutdown hook failed")
         await self.server.stop(self._settings.shutdown_grace_seconds)
+
+
+class ServiceApp(Protocol):
+    grpc: GrpcService
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def serve_until_signal(app: ServiceApp) -> None:
+    """Start a service process's app, serve until SIGTERM/SIGINT, then stop it gracefully."""
+    app.grpc.install_signal_handlers()
+    try:
+        await app.start()
+        await app.grpc.wait_for_stop_signal()
+    finally:
+        await app.stop()

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from inference import grpc_predict_v2_pb2 as pb
+from services.common.grpc_server import serve_until_signal
 from services.common.aio import run_service
 from services.common.grpc_server import GrpcService, reflection_pool_of
 from services.common.logs import configure_logging
@@ -182,13 +183,7 @@ class InferenceApp:
 
 
 async def serve(settings: InferenceSettings) -> None:
-    app = InferenceApp(settings)
-    app.grpc.install_signal_handlers()
-    try:
-        await app.start()
-        await app.grpc.wait_for_stop_signal()
-    finally:
-        await app.stop()
+    await serve_until_signal(InferenceApp(settings))
 
 
 def _port(value: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 from aimaas.registry.v1 import registry_pb2
+from services.common.grpc_server import serve_until_signal
 from services.common.aio import run_service
 from services.common.etcd import EtcdClient
 from services.common.grpc_server import GrpcService
@@ -72,13 +73,7 @@ class RegistryApp:
 
 
 async def serve(settings: RegistrySettings) -> None:
-    app = RegistryApp(settings)
-    await app.start()
-    app.grpc.install_signal_handlers()
-    try:
-        await app.grpc.wait_for_stop_signal()
-    finally:
-        await app.stop()
+    await serve_until_signal(RegistryApp(settings))
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import asyncio
 from prometheus_client import Counter, Gauge, Histogram
 
 from aimaas.scheduler.v1 import scheduler_pb2
+from services.common.grpc_server import serve_until_signal
 from services.common.aio import run_service
 from services.common.etcd import EtcdClient
 from services.common.grpc_server import GrpcService
@@ -151,13 +152,7 @@ class SchedulerApp:
 
 
 async def serve(settings: SchedulerSettings) -> None:
-    app = SchedulerApp(settings)
-    app.grpc.install_signal_handlers()
-    try:
-        await app.start()
-        await app.grpc.wait_for_stop_signal()
-    finally:
-        await app.stop()
+    await serve_until_signal(SchedulerApp(settings))
 
 
 def main() -> None:
