@@ -5,12 +5,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-dev}"
 
-if ! command -v etcd >/dev/null 2>&1; then
-  echo "==> installing etcd (apt: etcd-server)"
+# apt packages: etcd (coordination); with the dev extras also Chromium, which the dashboard test
+# drives headless through Playwright (Playwright's own browser download cannot run here).
+apt_packages=()
+command -v etcd >/dev/null 2>&1 || apt_packages+=(etcd-server)
+if [[ "$extras" == *dev* ]] && ! command -v chromium >/dev/null 2>&1; then
+  apt_packages+=(chromium)
+fi
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  echo "==> installing ${apt_packages[*]} (apt)"
   sudo_cmd=""
   [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq etcd-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
 # apt's package registers a system service; the mesh and the tests run their own etcd.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
