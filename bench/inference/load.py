@@ -53,7 +53,8 @@ async def client_loop(url: str, model: str, version: str, data: np.ndarray, star
         await client.close()
 
 
-async def run(url: str, model: str, version: str, clients: int, start_at: float, duration: float, seed: int) -> dict:
+async def run(url: str, model: str, version: str, clients: int, start_at: float, duration: float, seed: int,
+              features: int = 64) -> dict:
     """Requests that complete inside the window count; failures of requests sent inside it are
     errors; requests still unanswered GRACE_S after the window closes are cancelled and counted."""
     rng = np.random.default_rng(seed)
@@ -61,7 +62,7 @@ async def run(url: str, model: str, version: str, clients: int, start_at: float,
     errors: list[str] = []
     end_at = start_at + duration
     tasks = [
-        asyncio.ensure_future(client_loop(url, model, version, rng.standard_normal((1, 64)).astype(np.float32),
+        asyncio.ensure_future(client_loop(url, model, version, rng.standard_normal((1, features)).astype(np.float32),
                                           start_at, end_at, latencies, errors))
         for _ in range(clients)
     ]
@@ -88,11 +89,13 @@ def main() -> None:
     parser.add_argument("--start-at", type=float, required=True)
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--features", type=int, default=64, help="input width of the model")
     parser.add_argument("--out", type=pathlib.Path, required=True)
     args = parser.parse_args()
     if not 0 < args.duration <= 3600 or not 0 < args.clients <= 4096:
         parser.error("duration must be in (0, 3600] s and clients in (0, 4096]")
-    result = asyncio.run(run(args.url, args.model, args.version, args.clients, args.start_at, args.duration, args.seed))
+    result = asyncio.run(run(args.url, args.model, args.version, args.clients, args.start_at, args.duration, args.seed,
+                             args.features))
     args.out.write_text(json.dumps(result))
 
 

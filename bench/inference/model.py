@@ -28,36 +28,44 @@ RUNTIME_DIR = pathlib.Path(__file__).resolve().parent / "mlserver_runtime"
 
 DEFAULT_HIDDEN = 256
 
-
-def build_model(hidden: int = DEFAULT_HIDDEN) -> onnx.ModelProto:
-    return build(inputs=FEATURES, hidden=hidden, outputs=CLASSES)
-
-
-def model_bytes(hidden: int = DEFAULT_HIDDEN) -> bytes:
-    return build_model(hidden).SerializeToString()
+# (b) measures what batching is for: a model whose weights do not fit in cache, so one execution
+# costs about the same for 1 row as for 32 (32 MiB of weights read per execution either way).
+BATCHING_MODEL_NAME = "mlp-wide"
+DEFAULT_BATCHING_FEATURES = 1024
+DEFAULT_BATCHING_HIDDEN = 8192
 
 
-def describe(data: bytes, hidden: int = DEFAULT_HIDDEN) -> dict:
+def build_model(hidden: int = DEFAULT_HIDDEN, features: int = FEATURES) -> onnx.ModelProto:
+    return build(inputs=features, hidden=hidden, outputs=CLASSES)
+
+
+def model_bytes(hidden: int = DEFAULT_HIDDEN, features: int = FEATURES) -> bytes:
+    return build_model(hidden, features).SerializeToString()
+
+
+def describe(data: bytes, hidden: int = DEFAULT_HIDDEN, features: int = FEATURES, name: str = MODEL_NAME) -> dict:
     return {
-        "name": MODEL_NAME,
+        "name": name,
         "version": MODEL_VERSION,
-        "architecture": f"MLP {FEATURES}→{hidden}→{CLASSES} (Gemm, Relu, Gemm), FP32, dynamic batch",
-        "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, FEATURES]},
+        "architecture": f"MLP {features}→{hidden}→{CLASSES} (Gemm, Relu, Gemm), FP32, dynamic batch",
+        "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, features]},
         "output": {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, CLASSES]},
         "onnx_bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
 
 
-def sample_input(batch: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((batch, FEATURES)).astype(np.float32)
+def sample_input(batch: int, seed: int = 0, features: int = FEATURES) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, features)).astype(np.float32)
 
 
-def write_aimaas_repository(root: pathlib.Path, data: bytes) -> pathlib.Path:
-    """`<root>/mlp/1/model.onnx`: the standalone layout the AIMaaS node serves."""
-    target = root / MODEL_NAME / MODEL_VERSION / "model.onnx"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
+def write_aimaas_repository(root: pathlib.Path, data: bytes, extra: dict[str, bytes] | None = None) -> pathlib.Path:
+    """`<root>/mlp/1/model.onnx` (+ `<root>/<name>/1/model.onnx` per extra model): the standalone
+    layout the AIMaaS node serves."""
+    for name, content in {MODEL_NAME: data, **(extra or {})}.items():
+        target = root / name / MODEL_VERSION / "model.onnx"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
     return root
 
 

@@ -51,10 +51,11 @@ def measure_in_process(data: bytes, batches: list[int], calls: int, warmup: int)
     import onnxruntime as ort
 
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    features = session.get_inputs()[0].shape[1]
     per_batch = []
     perf = time.perf_counter
     for batch in batches:
-        feeds = {bench_model.INPUT_NAME: bench_model.sample_input(batch, seed=batch)}
+        feeds = {bench_model.INPUT_NAME: bench_model.sample_input(batch, seed=batch, features=features)}
         for _ in range(warmup):
             session.run(None, feeds)
         durations = []
@@ -118,13 +119,13 @@ class SequentialClient:
         self.client.close()
 
 
-def inference_counts(url: str) -> tuple[int, int] | None:
+def inference_counts(url: str, model: str = bench_model.MODEL_NAME) -> tuple[int, int] | None:
     """(inference_count, execution_count) of the bench model from ModelStatistics, if served."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
     try:
-        stats = client.get_inference_statistics(bench_model.MODEL_NAME, bench_model.MODEL_VERSION, as_json=True,
+        stats = client.get_inference_statistics(model, bench_model.MODEL_VERSION, as_json=True,
                                                 client_timeout=10)
         entry = stats["model_stats"][0]
         return int(entry.get("inference_count", 0)), int(entry.get("execution_count", 0))
@@ -137,7 +138,8 @@ def inference_counts(url: str) -> tuple[int, int] | None:
 # --------------------------------------------------------------------------- (b) concurrent
 
 def concurrent_round(server: bench_servers.ServerProcess, workdir: pathlib.Path, clients: int, procs: int,
-                     duration: float, warmup: float, tag: str) -> dict:
+                     duration: float, warmup: float, tag: str, model: str = bench_model.MODEL_NAME,
+                     features: int = bench_model.FEATURES) -> dict:
     """Run `clients` closed-loop aio clients spread over `procs` worker processes.
 
     Returns latencies of requests completed inside the window, errors, unanswered requests, and the
@@ -150,8 +152,8 @@ def concurrent_round(server: bench_servers.ServerProcess, workdir: pathlib.Path,
         for index in range(procs):
             share = clients // procs + (1 if index < clients % procs else 0)
             out = workdir / f"load-{tag}-{index}.json"
-            argv = [sys.executable, "-m", "bench.inference.load", "--url", server.url,
-                    "--clients", str(share), "--start-at", repr(start_at), "--duration", str(duration),
+            argv = [sys.executable, "-m", "bench.inference.load", "--url", server.url, "--model", model,
+                    "--features", str(features), "--clients", str(share), "--start-at", repr(start_at), "--duration", str(duration),
                     "--seed", str(index), "--out", str(out)]
             workers.append((subprocess.Popen(argv, cwd=bench_servers.REPO_ROOT, stdin=subprocess.DEVNULL), out))
         time.sleep(max(0.0, start_at - time.time()))
@@ -255,6 +257,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds measured per (b) round (default 10; quick 2)")
     parser.add_argument("--hidden", type=int, default=bench_model.DEFAULT_HIDDEN,
                         help="hidden width of the MLP (a wider one shows what batching does for compute-bound models)")
+    parser.add_argument("--batching-features", type=int, default=bench_model.DEFAULT_BATCHING_FEATURES,
+                        help="input width of the (b) model")
+    parser.add_argument("--batching-hidden", type=int, default=bench_model.DEFAULT_BATCHING_HIDDEN,
+                        help="hidden width of the (b) model")
     parser.add_argument("--max-batch-size", type=int, help="AIMaaS batcher max batch size (default: server default)")
     parser.add_argument("--max-queue-delay-us", type=int, help="AIMaaS batcher max queue delay (default: server default)")
     args = parser.parse_args(argv)
@@ -271,6 +277,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = bench_model.model_bytes(args.hidden)
+    wide = bench_model.model_bytes(args.batching_hidden, args.batching_features)
     batching_defaults = server_defaults()
     max_batch = args.max_batch_size or batching_defaults.get("max_batch_size", 32)
     max_delay = args.max_queue_delay_us if args.max_queue_delay_us is not None else batching_defaults.get("max_queue_delay_us", 500)
@@ -283,15 +290,20 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "software": software_info(args.mlserver_venv),
         "model": bench_model.describe(data, args.hidden),
+        "model_concurrent": bench_model.describe(wide, args.batching_hidden, args.batching_features,
+                                                 bench_model.BATCHING_MODEL_NAME),
     }
 
     calls = 2000 if args.quick else 20000
     report["in_process_onnxruntime"] = measure_in_process(data, IN_PROCESS_BATCHES, calls, warmup=calls // 10)
     in_process_b1 = report["in_process_onnxruntime"]["per_batch"][0]["p50_us"]
+    report["in_process_onnxruntime_concurrent_model"] = measure_in_process(
+        wide, [1, 32], max(20, calls // 100), warmup=max(5, calls // 1000))
 
     with tempfile.TemporaryDirectory(prefix="aimaas-bench-inference-") as tmp, contextlib.ExitStack() as stack:
         workdir = pathlib.Path(tmp)
-        repository = bench_model.write_aimaas_repository(workdir / "aimaas-repo", data)
+        repository = bench_model.write_aimaas_repository(workdir / "aimaas-repo", data,
+                                                         {bench_model.BATCHING_MODEL_NAME: wide})
         batching_env = {"max_batch_size": max_batch, "max_queue_delay_us": max_delay}
         on = bench_servers.aimaas_server("aimaas-batching-on", repository, workdir, batching=True, **batching_env)
         off = bench_servers.aimaas_server("aimaas-batching-off", repository, workdir, batching=False, **batching_env)
@@ -300,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.enter_context(server)
         for server in (on, off):
             started[server.name] = round(server.wait_ready(bench_model.MODEL_NAME, bench_model.MODEL_VERSION), 2)
+            server.wait_ready(bench_model.BATCHING_MODEL_NAME, bench_model.MODEL_VERSION)
             log(f"{server.name} ready on {server.url} after {started[server.name]} s")
 
         mlserver = None
@@ -385,17 +398,18 @@ def main(argv: list[str] | None = None) -> int:
 
         # ---- (b) concurrent, batching on vs off, alternating rounds
         rounds: dict[str, list[dict]] = {on.name: [], off.name: []}
-        counts_before = {server.name: inference_counts(server.url) for server in (on, off)}
+        counts_before = {server.name: inference_counts(server.url, bench_model.BATCHING_MODEL_NAME) for server in (on, off)}
         warmup_s = 3.0 if args.quick else 5.0
         for round_index in range(args.rounds):
             for server in (on, off):
                 result = concurrent_round(server, workdir, args.clients, args.client_procs, args.duration, warmup_s,
-                                          f"{server.name}-{round_index}")
+                                          f"{server.name}-{round_index}", bench_model.BATCHING_MODEL_NAME,
+                                          args.batching_features)
                 rounds[server.name].append(result)
                 log(f"(b) round {round_index + 1}/{args.rounds} {server.name}: "
                     f"{len(result['latencies_s']) / args.duration:.0f} req/s, {result['errors']} errors, "
                     f"{result['unanswered']} unanswered")
-        counts_after = {server.name: inference_counts(server.url) for server in (on, off)}
+        counts_after = {server.name: inference_counts(server.url, bench_model.BATCHING_MODEL_NAME) for server in (on, off)}
 
         def conc_summary(server) -> dict:
             results = rounds[server.name]
@@ -426,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         on_summary, off_summary = conc_summary(on), conc_summary(off)
         conc_ratio = ratio(on_summary["rps"], off_summary["rps"])
         report["concurrent"] = {
+            "model": bench_model.BATCHING_MODEL_NAME,
             "what": (f"{args.clients} closed-loop tritonclient.grpc.aio clients (one channel each, one request in flight "
                      f"each, batch 1) in {args.client_procs} client process(es), sharing the machine with the server"),
             "clients": args.clients,

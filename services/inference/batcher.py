@@ -5,6 +5,11 @@ the loop stays free while the model computes. The batcher is driven by callbacks
 task (a request arriving, a batch finishing, the queue delay expiring), which spares a task switch per
 batch on the hot path.
 
+Small models skip the thread: once a model's measured execution time (moving average) is below
+`inline_below_s`, a request that finds nothing running or waiting executes at once on the loop, and
+batches formed while holding for `max_queue_delay` run on the loop at the end of the iteration. Two
+thread hand-offs cost more than such a model computes; a model that gets slower moves back.
+
 While a batch runs, new requests accumulate, which is where most merging comes from under load;
 `max_queue_delay` additionally holds the oldest request back until enough rows arrive (0: merge
 only what is already waiting, never wait).
@@ -66,6 +71,10 @@ class BatchPolicy:
     queue_timeout_s: float | None
     # Most rows one execution accepts (the backend's limit); None: any.
     max_rows: int | None = None
+    # Batches whose measured execution time (moving average) is below this run on the event loop
+    # itself, at the end of the current loop iteration, instead of on the model thread: for small
+    # models the two thread hand-offs cost more than the computation. 0: always the model thread.
+    inline_below_s: float = 0.0
 
 
 class _Work:
@@ -129,6 +138,9 @@ class Batcher:
         self._drained: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._span_attributes = {"aimaas.model": label}
+        # Moving average of batch execution time (ns); None until the first batch ran on the thread.
+        self._execution_ns: float | None = None
+        self._inline_below_ns = policy.inline_below_s * 1e9
 
     @property
     def queued(self) -> int:
@@ -177,6 +189,8 @@ class Batcher:
         if request_span.is_recording():
             work.parent = request_span
             work.span = self._tracer.start_span("queue wait", context=parent)
+        if self._inline_now():
+            return self._run_now(work)
         expire_at = deadline
         if policy.queue_timeout_s is not None:
             queue_deadline = now + policy.queue_timeout_s
@@ -277,8 +291,12 @@ class Batcher:
         if self._hold_timer is not None:
             self._hold_timer.cancel()
             self._hold_timer = None
-        batch = self._take()
         self._running = True
+        if self._execution_ns is not None and self._execution_ns < self._inline_below_ns:
+            # Deferred to the end of this loop iteration so requests arriving meanwhile still merge.
+            loop.call_soon(self._run_inline)
+            return
+        batch = self._take()
         try:
             self._start(batch)
         except Exception:  # noqa: BLE001 - never leave the batcher stuck in "running"
@@ -286,6 +304,51 @@ class Batcher:
             self._fail(batch, ExecutionFailed(f"{self.label} failed to start the batch"))
             self._running = False
             loop.call_soon(self._schedule)
+
+    def _inline_now(self) -> bool:
+        """A fast model with nothing running or waiting (and no queue delay to honour): nothing could
+        merge with this request, so it runs at once, sparing the queue's two loop iterations."""
+        return (
+            not self._running
+            and not self._queue
+            and not self._hold
+            and self._accepting
+            and self._execution_ns is not None
+            and self._execution_ns < self._inline_below_ns
+        )
+
+    def _run_now(self, work: _Work) -> Any:
+        work.queued = False
+        batch = [work]
+        self._running = True
+        try:
+            rows, span = self._begin(batch)
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            try:
+                done.set_result(self._execute(batch, work.rows))
+            except Exception as exc:  # noqa: BLE001 - delivered to the caller like a thread failure
+                done.set_exception(exc)
+            self._running = False
+            self._deliver(batch, rows, span, done)
+        finally:
+            self._running = False
+            if self._queue:  # nothing can queue meanwhile (no await above), but stay safe
+                self._schedule()
+        return work.future.result()
+
+    def _run_inline(self) -> None:
+        batch = self._take() if self._queue else []
+        if not batch:  # everything waiting left (cancelled, expired) before its turn
+            self._running = False
+            self._schedule()
+            return
+        rows, span = self._begin(batch)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            done.set_result(self._execute(batch, rows))
+        except Exception as exc:  # noqa: BLE001 - delivered to the batch's callers like a thread failure
+            done.set_exception(exc)
+        self._finished(batch, rows, span, done)
 
     def _release(self) -> None:
         self._hold_timer = None
@@ -318,6 +381,18 @@ class Batcher:
         return batch
 
     def _start(self, batch: list[_Work]) -> None:
+        rows, span = self._begin(batch)
+        loop = self._loop
+        assert loop is not None
+        # Straight to the executor and back with one call_soon_threadsafe: cheaper than
+        # run_in_executor's chained asyncio future.
+        future = self._executor.submit(self._execute, batch, rows)
+        future.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._finished, batch, rows, span, done)
+        )
+
+    def _begin(self, batch: list[_Work]) -> tuple[int, trace.Span | None]:
+        """Queue-time statistics and the batch span, as a batch leaves the queue."""
         now_ns = time.perf_counter_ns()
         stats = self._stats
         traced = []
@@ -335,14 +410,7 @@ class Batcher:
                 links=[Link(work.parent.get_span_context()) for work in traced],
                 attributes={**self._span_attributes, "aimaas.batch.rows": rows, "aimaas.batch.requests": len(batch)},
             )
-        loop = self._loop
-        assert loop is not None
-        # Straight to the executor and back with one call_soon_threadsafe: cheaper than
-        # run_in_executor's chained asyncio future.
-        future = self._executor.submit(self._execute, batch, rows)
-        future.add_done_callback(
-            lambda done: loop.call_soon_threadsafe(self._finished, batch, rows, span, done)
-        )
+        return rows, span
 
     def _finished(self, batch: list[_Work], rows: int, span: trace.Span | None, future: concurrent.futures.Future) -> None:
         self._running = False
@@ -372,6 +440,9 @@ class Batcher:
             )
             span.end()
         self._stats.record_execution(rows, len(batch), input_ns, infer_ns, output_ns)
+        took = input_ns + infer_ns + output_ns
+        # Weighted towards the past so one fast batch does not move a slow model onto the loop.
+        self._execution_ns = took if self._execution_ns is None else 0.9 * self._execution_ns + 0.1 * took
         for work, result in zip(batch, results):
             if work.future.done():  # deadline passed or caller gone while executing
                 continue

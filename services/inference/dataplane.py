@@ -239,6 +239,7 @@ class _Instance:
         tracer: Any,
         logger: structlog.stdlib.BoundLogger,
         windowed: bool = False,
+        inline_below_us: int = 0,
     ) -> None:
         self.spec = spec
         self.fingerprint = fingerprint
@@ -267,6 +268,7 @@ class _Instance:
             max_queue_size=batching.max_queue_size,
             queue_timeout_s=batching.default_timeout_ms / 1000 if batching.default_timeout_ms else None,
             max_rows=backend.max_rows(),
+            inline_below_s=inline_below_us / 1e6,
         )
         self.batcher = Batcher(
             label=self.label,
@@ -727,7 +729,8 @@ class DataPlane:
                 raise
         try:
             instance = _Instance(
-                spec, fingerprint, backend, executor, batching, self._tracer, self._log, windowed=self._windowed
+                spec, fingerprint, backend, executor, batching, self._tracer, self._log, windowed=self._windowed,
+                inline_below_us=self._settings.inline_execution_below_us,
             )
             instance.shared = shared or ""
         except Exception as exc:

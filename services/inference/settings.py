@@ -47,6 +47,9 @@ class InferenceServerSettings(ServerSettings):
     # requests and models at once, and per-op thread pools fight the gRPC threads for the cores.
     intra_op_threads: Annotated[int, Field(ge=0)] = 1
     inter_op_threads: Annotated[int, Field(ge=0)] = 0
+    # Batches measured to execute faster than this run on the event loop instead of the model's thread
+    # (the two thread hand-offs cost ~0.1 ms on a busy host, more than a small model computes); 0: never.
+    inline_execution_below_us: Annotated[int, Field(ge=0, le=10_000)] = 100
     # Backends to try, in order of preference, when the artifact allows several.
     backends: list[str] = ["tensorrt", "onnxruntime"]
     batching: BatchingDefaults = BatchingDefaults()

@@ -67,7 +67,9 @@ async def serving(repository, *, metrics_port: int = -1):
     SMALL_QUEUE.instances.clear()
     QUEUE_TIMEOUT.instances.clear()
     backends = {"onnxruntime": OnnxRuntimeBackend, "small-queue": SMALL_QUEUE, "queue-timeout": QUEUE_TIMEOUT}
-    async with running_inference(inference_settings(repository, metrics_port=metrics_port), backends=backends) as app:
+    # Model-thread execution throughout: the queue tests hold a batch on the model thread.
+    settings = inference_settings(repository, metrics_port=metrics_port, inline_execution_below_us=0)
+    async with running_inference(settings, backends=backends) as app:
         try:
             yield app
         finally:

@@ -28,11 +28,13 @@ from tests.support.inference import fake_backend
 async def loaded(tmp_path, *, telemetry=None, **backend_attributes):
     """A data plane with model 'm' (fake backend, y = 2x) loaded; returns (plane, backend instance)."""
     batching = backend_attributes.pop("batching", BatchingDefaults())
+    # Default: every batch on the model thread, so tests can hold one there with `block`.
+    inline_us = backend_attributes.pop("inline_us", 0)
     backend = fake_backend(**backend_attributes)
     artifact = tmp_path / "model.onnx"
     artifact.write_bytes(b"x")
     plane = DataPlane(
-        InferenceServerSettings(backends=["fake"], batching=batching),
+        InferenceServerSettings(backends=["fake"], batching=batching, inline_execution_below_us=inline_us),
         registry=CollectorRegistry(),
         telemetry=telemetry or setup_telemetry(TelemetrySettings(), "test"),
         logger=structlog.get_logger(),
@@ -270,4 +272,67 @@ async def test_spans_queue_wait_and_linked_batch(tmp_path):
     assert {link.context.span_id for link in batch.links} == request_ids
     assert batch.parent.span_id in request_ids
     assert batch.attributes["aimaas.batch.requests"] == 3 and batch.attributes["aimaas.batch.rows"] == 3
+    await plane.close()
+
+
+async def test_fast_batches_move_onto_the_loop_and_slow_ones_back_to_the_thread(tmp_path):
+    import threading
+
+    plane, backend = await loaded(tmp_path, inline_us=10_000)
+    x = np.ones((2, 4), np.float32)
+    threads = []
+    original = backend.infer
+
+    def infer(inputs, outputs):
+        threads.append(threading.current_thread())
+        return original(inputs, outputs)
+
+    backend.infer = infer
+    first = await plane.infer(request(x))  # no measurement yet: the model thread
+    assert threads[-1] is not threading.main_thread()
+    second = await plane.infer(request(x))  # measured fast, nothing waiting: at once, on the loop
+    assert threads[-1] is threading.main_thread()
+    np.testing.assert_array_equal(result(first), 2 * x)
+    np.testing.assert_array_equal(result(second), 2 * x)
+    # Concurrent callers each run at once: nothing is ever waiting to merge with.
+    before = len(backend.executions)
+    responses = await asyncio.gather(*(plane.infer(request(np.full((1, 4), i, np.float32))) for i in range(5)))
+    assert [e["x"].shape[0] for e in backend.executions[before:]] == [1] * 5
+    for i, response in enumerate(responses):
+        np.testing.assert_array_equal(result(response), np.full((1, 4), 2 * i, np.float32))
+    # A failure on the loop reaches its caller as a precise error, and the model keeps serving.
+    backend.fail_infer = "kaput"
+    with pytest.raises(ExecutionFailed, match="kaput"):
+        await plane.infer(request(x))
+    assert threads[-1] is threading.main_thread()
+    backend.fail_infer = ""
+    np.testing.assert_array_equal(result(await plane.infer(request(x))), 2 * x)
+    # A slow model drifts back to the thread as its moving average crosses the bound.
+    backend.delay_seconds = 0.2
+    for _ in range(3):
+        await plane.infer(request(x))
+    assert threads[-1] is not threading.main_thread()
+    await plane.close()
+
+
+async def test_fast_batches_with_a_queue_delay_still_merge_on_the_loop(tmp_path):
+    import threading
+
+    batching = BatchingDefaults(max_queue_delay_us=20_000)
+    plane, backend = await loaded(tmp_path, inline_us=10_000, batching=batching)
+    threads = []
+    original = backend.infer
+
+    def infer(inputs, outputs):
+        threads.append(threading.current_thread())
+        return original(inputs, outputs)
+
+    backend.infer = infer
+    await plane.infer(request(np.ones((1, 4), np.float32)))  # measured on the thread
+    before = len(backend.executions)
+    responses = await asyncio.gather(*(plane.infer(request(np.full((1, 4), i, np.float32))) for i in range(5)))
+    assert [e["x"].shape[0] for e in backend.executions[before:]] == [5]  # held, then one merged batch
+    assert threads[-1] is threading.main_thread()
+    for i, response in enumerate(responses):
+        np.testing.assert_array_equal(result(response), np.full((1, 4), 2 * i, np.float32))
     await plane.close()

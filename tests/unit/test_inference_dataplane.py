@@ -23,7 +23,8 @@ from tests.support.inference import fake_backend
 
 def make_plane(classes: dict, *, registry: CollectorRegistry | None = None, **settings) -> DataPlane:
     """A data plane over `classes` (name → backend class, or why it is unavailable)."""
-    fields = {"backends": ["fake"], "unload_drain_seconds": 5.0, **settings}
+    # Executions on the model thread, so tests can hold a batch there (see test_inference_batcher for inline).
+    fields = {"backends": ["fake"], "unload_drain_seconds": 5.0, "inline_execution_below_us": 0, **settings}
     return DataPlane(
         InferenceServerSettings(**fields),
         registry=registry or CollectorRegistry(),
