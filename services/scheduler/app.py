@@ -26,6 +26,7 @@ from services.scheduler.autoscaler import (
     NodeStatsSignalSource,
     SignalSource,
 )
+from services.scheduler.canary import CanaryMetricsSource, MonitorCanaryMetrics
 from services.scheduler.core import DeploymentService
 from services.scheduler.leadership import Leadership
 from services.scheduler.planner import Plan
@@ -79,8 +80,10 @@ class SchedulerApp:
         *,
         telemetry: Telemetry | None = None,
         load_signal: SignalSource | None = None,
+        canary_metrics: CanaryMetricsSource | None = None,
     ) -> None:
-        """`load_signal` replaces the configured load signal source (monitor / node statistics)."""
+        """`load_signal` replaces the configured load signal source (monitor / node statistics);
+        `canary_metrics` the canary's metrics source (the monitor's QueryMetrics)."""
         self.settings = settings
         config = settings.scheduler
         self.log = configure_logging(settings.log, "scheduler")
@@ -95,9 +98,13 @@ class SchedulerApp:
             scale_to_zero_after_seconds=config.scale_to_zero_after_seconds,
             logger=self.log,
         )
+        if canary_metrics is None and config.monitor_address:
+            canary_metrics = MonitorCanaryMetrics(config.monitor_address)
+        self.canary_metrics = canary_metrics
         self.reconciler = Reconciler(
-            self.etcd, config, self.autoscaler, logger=self.log, metrics=self.scheduler_metrics
-        )
+            self.etcd, config, self.autoscaler, logger=self.log, metrics=self.scheduler_metrics,
+            canary_metrics=canary_metrics,
+        )  # fmt: skip
         self.leadership = Leadership(
             self.etcd,
             self.reconciler,
@@ -107,8 +114,9 @@ class SchedulerApp:
             on_change=self.scheduler_metrics.leading,
         )
         self.service = DeploymentService(
-            self.etcd, self.leadership, max_replicas_limit=config.max_replicas_limit, logger=self.log
-        )
+            self.etcd, self.leadership, max_replicas_limit=config.max_replicas_limit,
+            canary_enabled=canary_metrics is not None, logger=self.log,
+        )  # fmt: skip
         self.grpc = GrpcService(
             config,
             metrics=self.metrics,
@@ -144,6 +152,8 @@ class SchedulerApp:
         await self.grpc.stop()
         await self.leadership.stop()
         await self.autoscaler.close()
+        if self.canary_metrics is not None:
+            await self.canary_metrics.close()
         if self.metrics_endpoint is not None:
             await asyncio.to_thread(self.metrics_endpoint.stop)
         await self.etcd.close()

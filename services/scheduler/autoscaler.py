@@ -348,6 +348,9 @@ class Autoscaler:
             current = default_total(spec)
             if status is not None and status.versions:
                 serving = [vs for vs in status.versions if vs.weight > 0]
+                if status.canary.phase == spb.CANARY_PHASE_PROGRESSING:
+                    # The candidate's replicas come on top of the stable ones, which keep the scale.
+                    serving = [vs for vs in status.versions if vs.version in status.canary.stable]
                 if serving:
                     current = sum(vs.desired_replicas for vs in serving)
             state = self._states[name] = ScaleState(current=clamp_total(spec, current) if current else 0)

@@ -8,8 +8,10 @@ the records the leader writes at keys.deployment_status(name).
 Validation decisions:
 - unknown model, version or alias → NOT_FOUND; archived version (directly or through an alias) →
   FAILED_PRECONDITION; malformed names, weights not summing to 100, duplicate targets, weight 0,
-  min > max, max 0, a TensorRT plan on CPU, canary policies (not supported yet), changing the model
-  of an existing deployment → INVALID_ARGUMENT;
+  min > max, max 0, a TensorRT plan on CPU, a malformed canary policy (see `_validate_canary`), a
+  canary candidate that resolves to a version of the stable traffic, changing the model of an
+  existing deployment → INVALID_ARGUMENT; a canary while the scheduler has no metrics source (no
+  monitor configured) → FAILED_PRECONDITION;
   a model already deployed by another deployment → FAILED_PRECONDITION (one deployment per model:
   assignments are keyed by node/model/version).
 - A GPU requested while no GPU node is registered is ACCEPTED (nodes may join later) and marked by the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -38,6 +41,7 @@ from services.common.errors import (
 )
 from services.common.etcd import Compare, EtcdClient, Op, from_json, to_json
 from services.registry.core import validate_labels, validate_name
+from services.scheduler.canary import has_canary
 from services.scheduler.planner import COND_READY
 from services.scheduler.tasks import cancel_and_wait
 
@@ -46,6 +50,7 @@ _MAX_PAGE_SIZE = 1000
 _MAX_APPLY_ATTEMPTS = 16
 _TXN_GETS = 100
 _MAX_ENSURE_WAIT_SECONDS = 600
+_MAX_CANARY_STEP_SECONDS = 86400
 
 
 class LeaderLink(Protocol):
@@ -90,8 +95,18 @@ def ready_replicas(status: spb.DeploymentStatus) -> int:
 
 
 class DeploymentService:
-    def __init__(self, etcd: EtcdClient, leader: LeaderLink, *, max_replicas_limit: int = 1000, logger: Any = None) -> None:
+    def __init__(
+        self,
+        etcd: EtcdClient,
+        leader: LeaderLink,
+        *,
+        max_replicas_limit: int = 1000,
+        canary_enabled: bool = True,
+        logger: Any = None,
+    ) -> None:
+        """`canary_enabled`: whether the leader can measure a canary (a metrics source is configured)."""
         self._etcd = etcd
+        self._canary_enabled = canary_enabled
         self._keys = etcd.keys
         self._leader = leader
         self._max_replicas = max_replicas_limit
@@ -144,14 +159,53 @@ class DeploymentService:
         policy = spec.autoscaling
         if policy.target_in_flight_per_replica < 0:
             raise InvalidArgument("autoscaling.target_in_flight_per_replica must not be negative")
-        if spec.HasField("canary") and (spec.canary.steps or spec.canary.HasField("candidate")):
-            raise InvalidArgument("canary policies are not supported yet; shift traffic with weights instead")
+        if has_canary(spec):
+            self._validate_canary(spec.canary)
+
+    @staticmethod
+    def _validate_canary(policy: spb.CanaryPolicy) -> None:
+        candidate = policy.candidate
+        which = candidate.WhichOneof("target") if policy.HasField("candidate") else None
+        if which is None:
+            raise InvalidArgument("canary.candidate needs a version or an alias")
+        if which == "version" and candidate.version == 0:
+            raise InvalidArgument("canary.candidate version must be a positive number")
+        if which == "alias":
+            validate_name("alias", candidate.alias)
+        if candidate.weight != 0:
+            raise InvalidArgument(
+                f"canary.candidate.weight must be 0 (the steps set the candidate's weight), got {candidate.weight}"
+            )
+        steps = list(policy.steps)
+        if not steps:
+            raise InvalidArgument("canary.steps must list at least one weight (percent), e.g. [10, 50, 100]")
+        for step in steps:
+            if not 1 <= step <= 100:
+                raise InvalidArgument(f"canary.steps must be between 1 and 100, got {step}")
+        for before, after in zip(steps, steps[1:]):
+            if after <= before:
+                raise InvalidArgument(f"canary.steps must be strictly increasing, got {after} after {before}")
+        if not 1 <= policy.step_seconds <= _MAX_CANARY_STEP_SECONDS:
+            raise InvalidArgument(
+                f"canary.step_seconds must be between 1 and {_MAX_CANARY_STEP_SECONDS}, got {policy.step_seconds}"
+            )
+        error_rate, p99 = policy.max_error_rate, policy.max_p99_latency_ms
+        if math.isnan(error_rate) or not 0 <= error_rate <= 1:
+            raise InvalidArgument(f"canary.max_error_rate must be between 0 and 1 (0: not checked), got {error_rate}")
+        if math.isnan(p99) or math.isinf(p99) or p99 < 0:
+            raise InvalidArgument(f"canary.max_p99_latency_ms must be a non-negative number (0: not checked), got {p99}")
+        if error_rate == 0 and p99 == 0:
+            raise InvalidArgument("canary needs at least one bound: max_error_rate or max_p99_latency_ms")
 
     async def _validate_targets(self, spec: spb.DeploymentSpec) -> None:
-        """Every version/alias exists in the registry and may be deployed."""
+        """Every version/alias exists in the registry and may be deployed; a canary candidate is not
+        one of the stable traffic's versions."""
         model = spec.model
         keys = [self._keys.model(model)]
-        for entry in spec.traffic:
+        entries = list(spec.traffic)
+        if has_canary(spec):
+            entries.append(spec.canary.candidate)
+        for entry in entries:
             if entry.WhichOneof("target") == "version":
                 keys.append(self._keys.version(model, entry.version))
             else:
@@ -161,7 +215,7 @@ class DeploymentService:
         if records[0] is None:
             raise NotFound(f"model {model!r} not found in the registry")
         versions: list[int] = []
-        for entry, record in zip(spec.traffic, records[1:], strict=True):
+        for entry, record in zip(entries, records[1:], strict=True):
             if entry.WhichOneof("target") == "version":
                 if record is None:
                     raise NotFound(f"version {entry.version} of model {model!r} not found")
@@ -171,7 +225,14 @@ class DeploymentService:
                     raise NotFound(f"alias {entry.alias!r} of model {model!r} not found")
                 versions.append(from_json(record.value, rpb.Alias).version)
         result = await self._etcd.transaction([], [Op.get(self._keys.version(model, v)) for v in versions])
-        for entry, version, response in zip(spec.traffic, versions, result.responses, strict=True):
+        if has_canary(spec) and versions[-1] in versions[:-1]:
+            candidate = spec.canary.candidate
+            via = f" (alias {candidate.alias!r})" if candidate.WhichOneof("target") == "alias" else ""
+            raise InvalidArgument(
+                f"canary candidate version {versions[-1]}{via} is already in the traffic split; "
+                "the candidate must be a version the stable traffic does not serve"
+            )
+        for entry, version, response in zip(entries, versions, result.responses, strict=True):
             via = f" (alias {entry.alias!r})" if entry.WhichOneof("target") == "alias" else ""
             if not response.kvs:
                 raise NotFound(f"version {version}{via} of model {model!r} not found")
@@ -194,6 +255,11 @@ class DeploymentService:
 
     async def apply(self, spec: spb.DeploymentSpec) -> tuple[spb.Deployment, bool]:
         self._validate_shape(spec)
+        if has_canary(spec) and not self._canary_enabled:
+            raise FailedPrecondition(
+                "canary needs the monitor's metrics: configure the scheduler's monitor address "
+                "(AIMAAS_SCHEDULER__MONITOR_ADDRESS), or shift traffic with weights instead"
+            )
         await self._validate_targets(spec)
         other = await self._other_user(spec)
         if other is not None:

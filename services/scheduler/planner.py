@@ -35,6 +35,10 @@ Per deployment (oldest first, so older deployments keep priority for scarce capa
    deployment's replica total drops by as many (`Plan.evictions`: the reconciler tells the
    autoscaler) and its status carries an `Evicted` condition. Traffic or EnsureReplicas brings it
    back through the autoscaler's scale-from-zero path.
+8. Canary (`DeploymentSpec.canary`, rules in canary.py): the split the rollout machinery moves to is
+   the canary's current step (`_canary`), decided from the progress stored in
+   `DeploymentStatus.canary`, the time and the leader's latest measurement of the candidate
+   (`canary_metrics`); stable versions keep their full replica count while it runs.
 """
 
 from __future__ import annotations
@@ -53,6 +57,18 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aimaas.registry.v1 import registry_pb2 as rpb
 from aimaas.scheduler.v1 import scheduler_pb2 as spb
 from aimaas.types.v1 import types_pb2 as tpb
+from services.scheduler.canary import (
+    COND_CANARY,
+    PROGRESSING,
+    PROMOTED,
+    ROLLED_BACK,
+    CanaryMeasurement,
+    canary_split,
+    evaluate,
+    has_canary,
+    next_step,
+    same_run,
+)
 from services.scheduler.placement import ANY_BACKEND, NodeCapacity, Placer, Pool, ReplicaRequest
 
 M = TypeVar("M", bound=Message)
@@ -100,6 +116,10 @@ class PlannerConfig:
     # A deployment idle (no traffic in its load signal) this long may lose replicas above its min to
     # make room for a placement (LRU eviction).
     evict_idle_after_seconds: float = 300.0
+    # Canary: requests a measurement needs for a verdict, and how long beyond `step_seconds` a step
+    # is held for lack of one before the canary is rolled back.
+    canary_min_requests: int = 20
+    canary_max_hold_seconds: float = 300.0
 
 
 @dataclass
@@ -213,8 +233,10 @@ class _Planner:
         leader_revision: int,
         config: PlannerConfig,
         idle_since: Mapping[str, float] | None = None,
+        canary_metrics: Mapping[str, CanaryMeasurement] | None = None,
     ) -> None:
         self.s = snapshot
+        self.canary_metrics = canary_metrics or {}
         self.idle_since = idle_since or {}
         # Eviction state, built lazily on the first placement short of memory.
         self._victims: dict[str, list[_Victim]] | None = None
@@ -334,22 +356,115 @@ class _Planner:
                 self.plan.status_deletes.append((name, stored.mod_revision))
         return self.plan
 
+    def _resolve_one(self, model: str, entry: spb.TrafficTarget) -> tuple[int | None, str]:
+        if entry.WhichOneof("target") == "alias":
+            version = self.s.aliases.get((model, entry.alias))
+            if version is None:
+                return None, f"alias {entry.alias!r} of model {model!r} not found"
+        else:
+            version = entry.version
+        if (model, version) not in self.s.versions:
+            return None, f"version {version} of model {model!r} not found"
+        return version, ""
+
     def _resolve(self, spec: spb.DeploymentSpec) -> tuple[dict[int, int], list[str]]:
         target: dict[int, int] = {}
         problems: list[str] = []
         for entry in spec.traffic:
-            if entry.WhichOneof("target") == "alias":
-                version = self.s.aliases.get((spec.model, entry.alias))
-                if version is None:
-                    problems.append(f"alias {entry.alias!r} of model {spec.model!r} not found")
-                    continue
-            else:
-                version = entry.version
-            if (spec.model, version) not in self.s.versions:
-                problems.append(f"version {version} of model {spec.model!r} not found")
+            version, problem = self._resolve_one(spec.model, entry)
+            if version is None:
+                problems.append(problem)
                 continue
             target[version] = target.get(version, 0) + entry.weight
         return target, problems
+
+    # -- canary -----------------------------------------------------------------------------------
+
+    def _canary(
+        self, name: str, spec: spb.DeploymentSpec, old: spb.DeploymentStatus, stable: Mapping[int, int],
+        candidate: int, serving: Mapping[int, int],
+    ) -> spb.CanaryStatus:
+        """The canary's progress after this pass's decision (see canary.py)."""
+        policy = spec.canary
+        if not (old.HasField("canary") and same_run(old.canary, candidate, stable, policy)):
+            state = spb.CanaryStatus(version=candidate, stable=stable, phase=PROGRESSING, weight=policy.steps[0])
+            state.policy.CopyFrom(policy)
+            return state
+        state = spb.CanaryStatus()
+        state.CopyFrom(old.canary)
+        if state.phase != PROGRESSING or not state.HasField("step_started"):
+            return state
+        if dict(serving) != canary_split(stable, candidate, state.weight):
+            return state  # the step's weights are not (or no longer) in effect
+        weight = state.weight
+        started = _seconds(state.step_started)
+        measurement = self.canary_metrics.get(name)
+        if measurement is not None and measurement.at < started:
+            measurement = None  # taken before this step
+        verdict = evaluate(policy, measurement, self.config.canary_min_requests)
+        end = started + policy.step_seconds
+        if verdict.outcome == "fail":
+            self._canary_done(state, ROLLED_BACK, measurement, f"{verdict.reason} at step {weight}%: {verdict.message}")
+        elif self.now < end:
+            self._wake(end)
+        elif verdict.outcome == "pass" and measurement is not None and measurement.at >= end:
+            following = next_step(policy, weight)
+            if following is None:
+                self._canary_done(state, PROMOTED, measurement, f"every step held; last at {weight}%: {verdict.message}")
+            else:
+                self._record(state, measurement)
+                state.weight = following
+                state.ClearField("step_started")
+                state.message = f"step {weight}% held: {verdict.message}"
+        elif self.now >= end + self.config.canary_max_hold_seconds:
+            self._canary_done(
+                state, ROLLED_BACK, measurement,
+                f"InsufficientTraffic at step {weight}%: no verdict {self.now - started:.0f}s after the step "
+                f"started ({verdict.message})",
+            )  # fmt: skip
+        else:
+            self._wake(end + self.config.canary_max_hold_seconds)
+        return state
+
+    @staticmethod
+    def _record(state: spb.CanaryStatus, measurement: CanaryMeasurement | None) -> None:
+        if measurement is not None:
+            state.request_count = measurement.request_count
+            state.error_rate = measurement.error_rate
+            state.p99_latency_ms = measurement.p99_latency_ms
+
+    def _canary_done(self, state: spb.CanaryStatus, phase: int, measurement: CanaryMeasurement | None, message: str) -> None:
+        self._record(state, measurement)
+        state.phase = phase
+        state.message = message
+        if phase == PROMOTED:
+            state.weight = 100
+        state.step_started.CopyFrom(_timestamp(self.now))  # when it finished
+
+    @staticmethod
+    def _canary_target(state: spb.CanaryStatus, stable: Mapping[int, int]) -> dict[int, int]:
+        if state.phase == PROMOTED:
+            return {state.version: 100}
+        if state.phase == ROLLED_BACK:
+            return dict(stable)
+        return canary_split(stable, state.version, state.weight)
+
+    @staticmethod
+    def _canary_condition(state: spb.CanaryStatus) -> tuple[str, bool, str, str]:
+        version = state.version
+        if state.phase == PROMOTED:
+            return COND_CANARY, False, "Promoted", f"version {version} promoted to 100%: {state.message}"
+        if state.phase == ROLLED_BACK:
+            back = _versions_text(dict(state.stable))
+            return COND_CANARY, False, "RolledBack", f"version {version} rolled back ({state.message}); traffic on {back}"
+        steps = list(state.policy.steps)
+        index = steps.index(state.weight) + 1 if state.weight in steps else 0
+        where = f"step {index}/{len(steps)}: version {version} at {state.weight}%"
+        if not state.HasField("step_started"):
+            return COND_CANARY, True, "WaitingForReplicas", f"{where} once its replicas are READY"
+        since = datetime.fromtimestamp(_seconds(state.step_started), tz=UTC).isoformat(timespec="seconds")
+        last = f" (last: {state.message})" if state.message else ""
+        return COND_CANARY, True, "Progressing", f"{where} since {since}{last}"
 
     def _deployment(self, name: str, spec: spb.DeploymentSpec, owner: str) -> None:
         stored_status = self.s.statuses.get(name)
@@ -378,9 +493,29 @@ class _Planner:
             and any(r.state == FAILED for r in vs.replicas)
         }
         target, problems = self._resolve(spec)
+        candidate: int | None = None
+        if has_canary(spec):
+            candidate, problem = self._resolve_one(model, spec.canary.candidate)
+            if problem:
+                problems.append(f"canary candidate: {problem}")
+        canary: spb.CanaryStatus | None = None
+        canary_condition: tuple[str, bool, str, str] | None = None
         if problems:
             outcome.unschedulable.append(("TargetNotFound", "; ".join(problems)))
             target = dict(serving)
+            if has_canary(spec) and old.HasField("canary"):
+                canary = spb.CanaryStatus()
+                canary.CopyFrom(old.canary)  # held where it is until its targets resolve again
+        stable = dict(target)
+        if candidate is not None and not problems:
+            if candidate in stable:
+                canary_condition = (
+                    COND_CANARY, False, "CandidateServing",
+                    f"candidate version {candidate} is already in the traffic split: nothing to test",
+                )  # fmt: skip
+            else:
+                canary = self._canary(name, spec, old, stable, candidate, serving)
+                target = self._canary_target(canary, stable)
         if serving and any(v in rolled_back and v not in serving for v in target):
             target = dict(serving)  # rolled back earlier in this generation: stay there
         if not serving:
@@ -396,6 +531,10 @@ class _Planner:
                     rolled_back[version] = spb.VersionStatus(version=version, replicas=failed)
             if any(v in rolled_back for v in target if v not in serving):
                 target = dict(serving)
+                if canary is not None and canary.phase == PROGRESSING and canary.version in rolled_back:
+                    replica = next(iter(rolled_back[canary.version].replicas), None)
+                    where = f" on node {replica.node_id}: {replica.reason}" if replica is not None else ""
+                    self._canary_done(canary, ROLLED_BACK, None, f"LoadFailed: version {canary.version} failed to load{where}")
 
         total = clamp_total(spec, self.wanted.get(name, default_total(spec)))
         self.plan.totals[name] = total
@@ -409,6 +548,20 @@ class _Planner:
             desired = {
                 v: max(target_counts.get(v, 0), serving_counts.get(v, 0)) for v in set(target) | set(serving)
             }
+
+        if canary is not None and canary.phase == PROGRESSING and not problems:
+            # Stable versions keep their full capacity while the canary runs: a rollback is instant.
+            for version, count in split_replicas(total, stable).items():
+                desired[version] = max(desired.get(version, 0), count)
+            if (
+                not canary.HasField("step_started")
+                and serving == canary_split(stable, canary.version, canary.weight)
+                and self.ready_count(model, canary.version) > 0
+            ):
+                canary.step_started.CopyFrom(_timestamp(self.now))  # the step's weights are in effect
+                self._wake(self.now + spec.canary.step_seconds)
+        if canary is not None:
+            canary_condition = self._canary_condition(canary)
 
         for node, m, version in [key for key, victim in self._evicted_of(name)]:
             # Evicted earlier in this pass (to make room for an older deployment): not replaced.
@@ -424,6 +577,7 @@ class _Planner:
         self._pending_status[name] = dict(
             spec=spec, old=old, stored=stored_status, target=target, serving=serving, desired=desired,
             rolled_back=rolled_back, outcome=outcome, total=total, placed=placed,
+            canary=canary, canary_condition=canary_condition,
         )  # fmt: skip
 
     def _evicted_of(self, name: str) -> list[tuple[ReplicaKey, str]]:
@@ -648,9 +802,13 @@ class _Planner:
         outcome: _DeploymentOutcome,
         total: int,
         placed: Mapping[int, list[str]] | None = None,
+        canary: spb.CanaryStatus | None = None,
+        canary_condition: tuple[str, bool, str, str] | None = None,
     ) -> None:
         placed = placed or {}
         status = spb.DeploymentStatus(observed_generation=spec.generation)
+        if canary is not None:
+            status.canary.CopyFrom(canary)
         ready: dict[int, int] = {}
         for version in sorted(set(desired) | set(serving) | set(rolled_back)):
             if version in rolled_back and version not in desired:
@@ -740,6 +898,8 @@ class _Planner:
                 parts.append(f"version {entry.version} failed to load{where}")
             message = "; ".join(parts) + f"; traffic stays on {_versions_text(serving)}"
             conditions.append((COND_ROLLED_BACK, True, "LoadFailed", message))
+        if canary_condition is not None:
+            conditions.append(canary_condition)
 
         previous = {c.type: c for c in old.conditions}
         for kind, state, reason, message in conditions:
@@ -765,13 +925,15 @@ def plan(
     leader_revision: int = 0,
     config: PlannerConfig | None = None,
     idle_since: Mapping[str, float] | None = None,
+    canary_metrics: Mapping[str, CanaryMeasurement] | None = None,
 ) -> Plan:
     """The writes that move `snapshot` toward its deployments (see the module docstring).
 
     `now`: wall-clock seconds. `wanted`: replica totals from the autoscaler (default: min, or 1).
     `unschedulable_nodes`: nodes that get no new replicas (probation). `avoid`: (node, model, version)
     where the version failed lately. `idle_since`: per deployment, since when (wall-clock, like
-    `now`) its load signal shows no traffic; absent: unknown or active (never evicted)."""
+    `now`) its load signal shows no traffic; absent: unknown or active (never evicted).
+    `canary_metrics`: per deployment, the leader's latest measurement of its canary candidate."""
     return _Planner(
         snapshot,
         now=now,
@@ -781,4 +943,5 @@ def plan(
         leader_revision=leader_revision,
         config=config or PlannerConfig(),
         idle_since=idle_since,
+        canary_metrics=canary_metrics,
     ).run()

@@ -9,6 +9,9 @@
   for updates and deletes), so one replica slot (node, model, version) never gets two writers. After
   a write it waits until the watch has delivered that revision, so the next plan sees its own
   writes.
+- `_canary_loop` measures every running canary's candidate (its step's weights in effect) every
+  `canary_check_interval_seconds` through a `CanaryMetricsSource`; the planner decides from the
+  latest measurement (canary.py), and a pass runs at once when a measurement can change a decision.
 - `FlapTracker` damps flapping nodes: a node whose record re-appears within `flap_window` of
   vanishing is on probation (no new placements) for `probation` seconds, doubled per further flap.
 """
@@ -40,6 +43,7 @@ from services.common.etcd import (
     to_json,
 )
 from services.scheduler.autoscaler import Autoscaler
+from services.scheduler.canary import PROGRESSING, CanaryMeasurement, CanaryMetricsSource, evaluate, has_canary
 from services.scheduler.planner import Plan, PlannerConfig, Snapshot, Stored, plan
 from services.scheduler.settings import SchedulerServerSettings
 from services.scheduler.tasks import cancel_and_wait
@@ -209,8 +213,12 @@ class Reconciler:
         *,
         logger: Any = None,
         metrics: Any = None,
+        canary_metrics: CanaryMetricsSource | None = None,
     ) -> None:
         self._etcd = etcd
+        self._canary_source = canary_metrics
+        # Latest measurement of each running canary's candidate (this term only).
+        self._canary_measurements: dict[str, CanaryMeasurement] = {}
         self._keys = etcd.keys
         self._settings = settings
         self._autoscaler = autoscaler
@@ -221,6 +229,8 @@ class Reconciler:
             memory_estimate_min_bytes=settings.memory_estimate_min_bytes,
             failed_replica_retry_seconds=settings.failed_replica_retry_seconds,
             evict_idle_after_seconds=settings.evict_idle_after_seconds,
+            canary_min_requests=settings.canary_min_requests,
+            canary_max_hold_seconds=settings.canary_max_hold_seconds,
         )
         self._flaps = FlapTracker(
             settings.node_flap_window_seconds, settings.node_probation_seconds, settings.node_probation_max_seconds
@@ -251,11 +261,14 @@ class Reconciler:
         """Reconcile until cancelled (the caller cancels as soon as leadership is lost)."""
         self._autoscaler.reset()
         self._avoid.clear()
+        self._canary_measurements.clear()
         cache = self.cache = ClusterCache(self._etcd, self._log, self._on_node)
         tasks = [
             asyncio.create_task(cache.run(), name="scheduler-cluster-view"),
             asyncio.create_task(self._autoscale_loop(cache), name="scheduler-autoscaler"),
         ]
+        if self._canary_source is not None:
+            tasks.append(asyncio.create_task(self._canary_loop(cache), name="scheduler-canary"))
         try:
             await cache.loaded.wait()
             wake_in: float | None = 0.0
@@ -302,6 +315,38 @@ class Reconciler:
             if await self._autoscaler.tick(specs, statuses, replicas):
                 self.poke()
 
+    async def _canary_loop(self, cache: ClusterCache) -> None:
+        await cache.loaded.wait()
+        source = self._canary_source
+        assert source is not None
+        while True:
+            await asyncio.sleep(self._settings.canary_check_interval_seconds)
+            snapshot = cache.snapshot
+            running: set[str] = set()
+            for name, stored in list(snapshot.deployments.items()):
+                spec, status = stored.value, snapshot.statuses.get(name)
+                if not has_canary(spec) or status is None or not status.value.HasField("canary"):
+                    continue
+                canary = status.value.canary
+                if canary.phase != PROGRESSING or not canary.HasField("step_started"):
+                    continue
+                running.add(name)
+                try:
+                    measurement = await source.measure(spec.model, canary.version, float(spec.canary.step_seconds))
+                except Exception:  # noqa: BLE001 - a broken source means "no verdict", never a crash
+                    self._log.exception("canary metrics failed", deployment=name)
+                    measurement = None
+                if measurement is None:
+                    self._canary_measurements.pop(name, None)
+                    continue
+                self._canary_measurements[name] = measurement
+                started = canary.step_started.seconds + canary.step_started.nanos / 1e9
+                verdict = evaluate(spec.canary, measurement, self._settings.canary_min_requests)
+                if verdict.outcome == "fail" or measurement.at >= started + spec.canary.step_seconds:
+                    self.poke()  # this measurement can decide the step
+            for name in set(self._canary_measurements) - running:
+                del self._canary_measurements[name]
+
     async def _pass(self, cache: ClusterCache, election: Election) -> float | None:
         """One reconcile pass; returns seconds until a time-based rule needs another one."""
         started = time.perf_counter()
@@ -323,6 +368,7 @@ class Reconciler:
             config=self._config,
             # The autoscaler's clock is monotonic; the planner's is the wall clock.
             idle_since={name: wall - (monotonic - t) for name, t in self._autoscaler.idle_since().items()},
+            canary_metrics=dict(self._canary_measurements),
         )
         for key in result.avoid:
             self._avoid[key] = monotonic + max(self._settings.failed_replica_retry_seconds, 1.0)

@@ -53,6 +53,14 @@ class SchedulerServerSettings(ServerSettings):
     # Largest max_replicas a deployment may ask for.
     max_replicas_limit: Annotated[int, Field(ge=1)] = 1000
 
+    # -- canary (metrics from the monitor at monitor_address: QueryMetrics) ------------------------
+    # How often the leader measures a running canary's candidate.
+    canary_check_interval_seconds: Annotated[float, Field(gt=0)] = 1.0
+    # Requests a measurement needs for a verdict; fewer is "insufficient traffic" (the step holds)...
+    canary_min_requests: Annotated[int, Field(ge=1)] = 20
+    # ...for at most this long beyond step_seconds, then the canary is rolled back.
+    canary_max_hold_seconds: Annotated[float, Field(ge=0)] = 300.0
+
 
 class SchedulerSettings(CommonSettings):
     scheduler: SchedulerServerSettings = SchedulerServerSettings()

@@ -114,7 +114,7 @@ async def wait_condition(stub, name: str, kind: str, status: bool, reason: str |
         (
             spec(canary=spb.CanaryPolicy(candidate=spb.TrafficTarget(version=2), steps=[5, 50])),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "canary",
+            "canary.step_seconds",
         ),
     ],
 )
