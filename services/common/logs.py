@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
@@ -12,7 +13,13 @@ from opentelemetry import trace
 from services.common.settings import LogSettings
 
 # Keys whose values never reach a log line (invariant: secrets never appear in logs).
-_SECRET_KEYS = frozenset({"password", "secret", "secret_key", "access_key", "token", "api_key", "authorization"})
+_SECRET_KEYS = frozenset(
+    {"password", "secret", "secret_key", "access_key", "token", "api_key", "authorization", "bootstrap_admin_token"}
+)
+
+
+# An API key token (services.common.auth.tokens: `aimaas_<16 hex>_<43 base64url>`) inside any string.
+_API_KEY_TOKEN = re.compile(r"aimaas_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")
 
 
 def _add_trace_context(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -26,6 +33,10 @@ def _add_trace_context(_logger: Any, _method: str, event: dict[str, Any]) -> dic
 def _redact_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     for key in event.keys() & _SECRET_KEYS:
         event[key] = "[redacted]"
+    # An API key pasted into any string field (a message, a URL, an error text) is scrubbed too.
+    for key, value in event.items():
+        if isinstance(value, str) and "aimaas_" in value:
+            event[key] = _API_KEY_TOKEN.sub("aimaas_[redacted]", value)
     return event
 
 
