@@ -23,18 +23,16 @@ from aimaas.scheduler.v1 import scheduler_pb2
 from aimaas.types.v1 import types_pb2
 from services.common.aio import prefetch
 from services.common.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
+from services.common.names import NAME_RE, validate_labels, validate_name
 from services.common.etcd import Compare, EtcdClient, KeyValue, Op, from_json, to_json
 from services.common.objectstore import DigestMismatch, ObjectStore, SizeLimitExceeded
 from services.common.objectstore.keys import BLOBS_PREFIX, UPLOADS_PREFIX, blob_key, parse_blob_key, upload_key
 from services.registry.inspect import ArtifactInspector, InvalidArtifact
 
-_NAME_RE = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
-_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _RESERVED_ALIASES = frozenset({"latest"})
 _DEFAULT_PAGE_SIZE = 100
 _MAX_PAGE_SIZE = 1000
-_MAX_LABELS = 64
 _MAX_DESCRIPTION = 4096
 # Optimistic-concurrency retries for version allocation under contention.
 _MAX_ALLOCATION_ATTEMPTS = 64
@@ -47,26 +45,6 @@ def _now() -> Timestamp:
     stamp = Timestamp()
     stamp.GetCurrentTime()
     return stamp
-
-
-def validate_name(kind: str, name: str) -> None:
-    if not _NAME_RE.match(name):
-        raise InvalidArgument(
-            f"invalid {kind} name {name!r}: use 1-63 characters of lower-case letters, digits and '-', "
-            "starting with a letter and not ending with '-'"
-        )
-
-
-def validate_labels(labels: dict[str, str] | None) -> None:
-    if not labels:
-        return
-    if len(labels) > _MAX_LABELS:
-        raise InvalidArgument(f"at most {_MAX_LABELS} labels are allowed, got {len(labels)}")
-    for key, value in labels.items():
-        if not _LABEL_KEY_RE.match(key):
-            raise InvalidArgument(f"invalid label key {key!r}: 1-63 characters of letters, digits, '.', '_', '/', '-'")
-        if len(value) > 256:
-            raise InvalidArgument(f"label {key!r} value is longer than 256 characters")
 
 
 def validate_description(description: str) -> None:
@@ -97,7 +75,7 @@ def _decode_token(token: str) -> str | None:
         cursor = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidArgument("invalid page_token: pass next_page_token from a previous response") from exc
-    if not (_NAME_RE.match(cursor) or cursor.isdigit()):
+    if not (NAME_RE.match(cursor) or cursor.isdigit()):
         raise InvalidArgument("invalid page_token: pass next_page_token from a previous response")
     return cursor
 
@@ -408,7 +386,7 @@ class ModelRegistry:
         return [from_json(r.value, pb.Alias) for r in records]
 
     async def delete_alias(self, model: str, alias: str, expected_version: int = 0) -> None:
-        current = await self._etcd.get(self._keys.alias(model, alias)) if _NAME_RE.match(alias) else None
+        current = await self._etcd.get(self._keys.alias(model, alias)) if NAME_RE.match(alias) else None
         if current is None:
             await self.get_alias(model, alias)  # raises the precise NOT_FOUND / INVALID_ARGUMENT
             return

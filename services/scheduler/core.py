@@ -40,7 +40,7 @@ from services.common.errors import (
     NotFound,
 )
 from services.common.etcd import Compare, EtcdClient, Op, from_json, to_json
-from services.registry.core import validate_labels, validate_name
+from services.common.names import validate_labels, validate_name
 from services.scheduler.canary import has_canary
 from services.scheduler.planner import COND_READY
 from services.scheduler.tasks import cancel_and_wait

@@ -21,6 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from aimaas.auth.v1 import auth_pb2
 from services.common.aio import Backoff
 from services.common.errors import Conflict, InvalidArgument, NotFound
+from services.common.names import validate_name
 from services.common.etcd import CodecError, Compare, EtcdClient, EtcdError, KeyBuilder, Op, from_json, to_json
 from services.common.auth.roles import ROLE_PERMISSIONS, Principal, role_name
 from services.common.auth.tokens import KEY_ID_RE, format_token, hash_secret, new_key_id, new_secret, parse_hash
@@ -87,9 +88,6 @@ def validate_new_key(name: str, role: int, model_scope: Iterable[str], ttl_secon
     if role not in ROLE_PERMISSIONS:
         choices = ", ".join(role_name(r) for r in ROLE_PERMISSIONS)
         raise InvalidArgument(f"role is required: one of {choices} (got {role_name(role)})")
-    # The registry's rule for model names is the one rule; imported here to keep common free of it at import.
-    from services.registry.core import validate_name
-
     scope = sorted(set(model_scope))
     if len(scope) > MAX_SCOPE_MODELS:
         raise InvalidArgument(f"model_scope may name at most {MAX_SCOPE_MODELS} models, got {len(scope)}")
