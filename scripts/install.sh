@@ -12,6 +12,10 @@ command -v etcd >/dev/null 2>&1 || apt_packages+=(etcd-server)
 if [[ "$extras" == *dev* ]] && ! command -v chromium >/dev/null 2>&1; then
   apt_packages+=(chromium)
 fi
+# etcdctl: tests/deploy run the operations guide's etcd snapshot backup and restore.
+if [[ "$extras" == *dev* ]] && ! command -v etcdctl >/dev/null 2>&1; then
+  apt_packages+=(etcd-client)
+fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "==> installing ${apt_packages[*]} (apt)"
   sudo_cmd=""
