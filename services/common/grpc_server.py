@@ -163,10 +163,14 @@ class GrpcService:
         health_checks: Iterable[HealthCheck] = (),
         health_interval_seconds: float = 1.0,
         reflection_pool: descriptor_pool.DescriptorPool | None = None,
+        interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         """`reflection_pool`: where reflection finds the services' descriptors; None is protobuf's
         default pool. Services whose stubs live in a private pool (the inference protocol) pass a
-        pool holding their files plus health and reflection (see `reflection_pool_of`)."""
+        pool holding their files plus health and reflection (see `reflection_pool_of`).
+        `interceptors` run inside the error mapping (e.g. authentication); `credentials` serve TLS."""
+        self._credentials = credentials
         self._settings = settings
         self._reflection_pool = reflection_pool
         self._log = logger
@@ -184,7 +188,7 @@ class GrpcService:
             ("grpc.so_reuseport", 0),
         ]
         self.server = grpc.aio.server(
-            interceptors=[*telemetry.server_interceptors(), ErrorMappingInterceptor(metrics, logger)],
+            interceptors=[*telemetry.server_interceptors(), ErrorMappingInterceptor(metrics, logger), *interceptors],
             options=options,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
@@ -207,7 +211,10 @@ class GrpcService:
         reflection.enable_server_reflection(
             [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server, pool=self._reflection_pool
         )
-        self.port = self.server.add_insecure_port(self._settings.grpc_address())
+        if self._credentials is not None:
+            self.port = self.server.add_secure_port(self._settings.grpc_address(), self._credentials)
+        else:
+            self.port = self.server.add_insecure_port(self._settings.grpc_address())
         if self.port == 0:
             raise RuntimeError(f"cannot bind gRPC port {self._settings.grpc_address()}")
         await self.server.start()

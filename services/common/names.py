@@ -8,9 +8,9 @@ from services.common.errors import InvalidArgument
 
 # DNS-label style: names appear in etcd keys, URLs and Kubernetes-like tooling.
 NAME_RE = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
-_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
-_MAX_LABELS = 64
-_MAX_LABEL_VALUE = 256
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 256
 
 
 def validate_name(kind: str, name: str) -> None:
@@ -24,10 +24,10 @@ def validate_name(kind: str, name: str) -> None:
 def validate_labels(labels: dict[str, str] | None) -> None:
     if not labels:
         return
-    if len(labels) > _MAX_LABELS:
-        raise InvalidArgument(f"at most {_MAX_LABELS} labels are allowed, got {len(labels)}")
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"at most {MAX_LABELS} labels are allowed, got {len(labels)}")
     for key, value in labels.items():
-        if not _LABEL_KEY_RE.match(key):
+        if not LABEL_KEY_RE.match(key):
             raise InvalidArgument(f"invalid label key {key!r}: 1-63 characters of letters, digits, '.', '_', '/', '-'")
-        if len(value) > _MAX_LABEL_VALUE:
-            raise InvalidArgument(f"label {key!r} value is longer than {_MAX_LABEL_VALUE} characters")
+        if len(value) > MAX_LABEL_VALUE:
+            raise InvalidArgument(f"label {key!r} value is longer than {MAX_LABEL_VALUE} characters")

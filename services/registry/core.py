@@ -25,6 +25,7 @@ from services.common.aio import prefetch
 from services.common.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
 from services.common.names import NAME_RE, validate_labels, validate_name
 from services.common.etcd import Compare, EtcdClient, KeyValue, Op, from_json, to_json
+from services.common.etcd.keys import MAX_VERSION
 from services.common.objectstore import DigestMismatch, ObjectStore, SizeLimitExceeded
 from services.common.objectstore.keys import BLOBS_PREFIX, UPLOADS_PREFIX, blob_key, parse_blob_key, upload_key
 from services.registry.inspect import ArtifactInspector, InvalidArtifact
@@ -287,8 +288,8 @@ class ModelRegistry:
 
     async def get_version(self, model: str, version: int) -> pb.ModelVersion:
         validate_name("model", model)
-        if version <= 0:
-            raise InvalidArgument("version must be a positive number")
+        if not 1 <= version <= MAX_VERSION:
+            raise InvalidArgument(f"version must be a number in [1, {MAX_VERSION}], got {version}")
         record = await self._etcd.get(self._keys.version(model, version))
         if record is None:
             await self._read_model(model)  # NOT_FOUND names the model when that is what is missing

@@ -11,6 +11,9 @@ from aimaas.registry.v1 import registry_pb2_grpc
 from services.common.errors import InvalidArgument
 from services.registry.core import ModelRegistry
 
+# Initial metadata of UploadVersion once the metadata passed its checks and the bytes are read.
+UPLOAD_ACCEPTED = ("aimaas-upload", "accepted")
+
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     def __init__(self, registry: ModelRegistry, download_chunk_bytes: int) -> None:
@@ -53,6 +56,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             raise InvalidArgument("the first upload message must carry metadata, not a chunk")
 
         async def chunks() -> AsyncIterator[bytes]:
+            # Read only once the metadata passed its checks: this initial metadata tells a streaming
+            # client (the gateway) to send the bytes. Without it a client racing an early rejection
+            # loses the status (grpc-python aio reports INTERNAL instead, grpc/grpc#36066).
+            await context.send_initial_metadata((UPLOAD_ACCEPTED,))
             async for message in request_iterator:
                 if message.WhichOneof("payload") != "chunk":
                     raise InvalidArgument("metadata may only be sent once, in the first message")

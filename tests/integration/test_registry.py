@@ -240,7 +240,16 @@ async def test_unknown_versions_and_archive(stub):
     await upload(stub, "m", MODEL)
     await expect_error(stub.GetVersion(pb.GetVersionRequest(model="m", version=9)), grpc.StatusCode.NOT_FOUND, "version 9")
     await expect_error(stub.GetVersion(pb.GetVersionRequest(model="zz", version=1)), grpc.StatusCode.NOT_FOUND, "'zz'")
-    await expect_error(stub.GetVersion(pb.GetVersionRequest(model="m", version=0)), grpc.StatusCode.INVALID_ARGUMENT, "positive")
+    await expect_error(stub.GetVersion(pb.GetVersionRequest(model="m", version=0)), grpc.StatusCode.INVALID_ARGUMENT, "[1, ")
+    # Beyond the key schema's width: a precise error, not INTERNAL from the key builder.
+    for huge in (10**10, 2**64 - 1):
+        await expect_error(
+            stub.GetVersion(pb.GetVersionRequest(model="m", version=huge)), grpc.StatusCode.INVALID_ARGUMENT, "[1, "
+        )
+    await expect_error(
+        stub.ResolveVersion(pb.ResolveVersionRequest(model="m", reference="99999999999")),
+        grpc.StatusCode.INVALID_ARGUMENT, "[1, ",
+    )
     archived = await stub.ArchiveVersion(pb.ArchiveVersionRequest(model="m", version=1))
     assert archived.version.state == pb.VERSION_STATE_ARCHIVED
     assert list((await stub.ListVersions(pb.ListVersionsRequest(model="m"))).versions) == []

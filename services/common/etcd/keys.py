@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # Fixed width of version numbers in keys; 10 digits cover every uint32 version.
 VERSION_DIGITS = 10
+MAX_VERSION = 10**VERSION_DIGITS - 1
 
 
 def _segment(value: str, what: str) -> str:
@@ -20,8 +21,8 @@ def _segment(value: str, what: str) -> str:
 
 def _version(value: int) -> str:
     # bool is an int subclass; True as a version is always a bug.
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 10**VERSION_DIGITS:
-        raise ValueError(f"version must be an integer in [1, {10**VERSION_DIGITS - 1}], got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VERSION:
+        raise ValueError(f"version must be an integer in [1, {MAX_VERSION}], got {value!r}")
     return f"{value:0{VERSION_DIGITS}d}"
 
 
@@ -117,6 +118,13 @@ class KeyBuilder:
 
     def alert_rule(self, rule_id: str) -> str:
         return f"{self.alert_rules_prefix()}{_segment(rule_id, 'alert rule id')}"
+
+    def alert_states_prefix(self) -> str:
+        """Alert state of each rule (its alerts per subject), written by the leading monitor."""
+        return f"{self.namespace}/alerts/state/"
+
+    def alert_state(self, rule_id: str) -> str:
+        return f"{self.alert_states_prefix()}{_segment(rule_id, 'alert rule id')}"
 
     # -- parsing: None when the key is not of the asked kind ------------------------------------
 

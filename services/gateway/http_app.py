@@ -1,0 +1,231 @@
+"""The gateway's HTTP app: OIP REST routes, the /v1 management API and docs, the edge middleware and
+the one error mapping, plus a uvicorn runner for the composition root.
+
+Every error leaves as `{"error": "..."}` with the status of services.common.errors.http_status_for
+(domain errors, and gRPC errors passed through from upstream services). FastAPI's own request
+validation errors become 400 (never 422), unknown routes 404, wrong methods 405, anything
+unexpected 500 with a generic message (details only in the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import re
+import socket
+import ssl as ssl_module
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import structlog
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.common.errors import AimaasError, grpc_status_for, http_status_for
+from services.common.tracing import Telemetry
+from services.gateway.rest.codec import BodyTooLargeAfterDecoding
+from services.gateway.rest.edge import BodyTooLarge, EdgeMiddleware, _error_body
+from services.gateway.rest.oip import InferFastPath, build_oip_routes
+from services.gateway.settings import GatewaySettings
+
+JSON = "application/json"
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(_error_body(message), status_code=status, media_type=JSON, headers=headers)
+
+
+class ErrorMapper:
+    """Exception -> `{"error": ...}` response: the one mapping, used by the app's exception handlers and
+    by the inference fast path."""
+
+    def __init__(self, *, retry_after_seconds: int, logger: structlog.stdlib.BoundLogger) -> None:
+        self._retry_after = {"Retry-After": str(retry_after_seconds)}
+        self._log = logger
+
+    def _status(self, code: grpc.StatusCode, message: str) -> Response:
+        status = http_status_for(code)
+        return error_response(status, message, self._retry_after if status == 429 else None)
+
+    def __call__(self, request: Request, exc: Exception) -> Response:
+        if isinstance(exc, AimaasError):
+            return self._status(exc.code, exc.message)
+        if isinstance(exc, grpc.aio.AioRpcError):
+            # A status from an upstream gRPC service (node, registry...) keeps its meaning.
+            code = exc.code()
+            if http_status_for(code) >= 500 and code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                self._log.warning("upstream call failed", path=request.url.path, code=code.name, details=exc.details())
+            return self._status(code, exc.details() or code.name.lower())
+        if isinstance(exc, RequestValidationError):
+            problems = []
+            for error in exc.errors()[:5]:
+                where = ".".join(str(part) for part in error.get("loc", ()))
+                problems.append(f"{where}: {error.get('msg', 'invalid')}")
+            return error_response(400, "invalid request: " + "; ".join(problems))
+        if isinstance(exc, StarletteHTTPException):
+            status = 400 if exc.status_code == 422 else exc.status_code
+            detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+            return error_response(status, detail, dict(exc.headers) if exc.headers else None)
+        if isinstance(exc, (BodyTooLarge, BodyTooLargeAfterDecoding)):
+            return error_response(413, str(exc))
+        code, message = grpc_status_for(exc)  # infrastructure errors (etcd, object store) -> 503
+        if code is grpc.StatusCode.INTERNAL:
+            self._log.error("request failed unexpectedly", path=request.url.path, exc_info=exc)
+        return self._status(code, message)
+
+
+def install_error_handlers(app: FastAPI, mapper: ErrorMapper) -> None:
+    async def handle(request: Request, exc: Exception) -> Response:
+        return mapper(request, exc)
+
+    for kind in (AimaasError, grpc.aio.AioRpcError, RequestValidationError, StarletteHTTPException, BodyTooLarge,
+                 BodyTooLargeAfterDecoding, Exception):
+        app.add_exception_handler(kind, handle)
+
+
+def build_http_app(
+    dataplane: Any,
+    auth: Any,
+    settings: GatewaySettings,
+    management_router: APIRouter | None = None,
+    docs: Callable[[FastAPI], None] | None = None,
+    *,
+    telemetry: Telemetry | None = None,
+    logger: structlog.stdlib.BoundLogger | None = None,
+    version: str = "",
+) -> FastAPI:
+    """The FastAPI app of the gateway's REST port.
+
+    `docs` mounts the interactive docs (services.gateway.rest.docs.mount_docs); without it the app
+    serves no docs pages, only /openapi.json.
+    """
+    log = logger or structlog.get_logger(service="gateway")
+    app = GatewayHttpApp(
+        title="AIMaaS gateway",
+        version=version or "0",
+        description="Open Inference Protocol (KServe v2) REST data plane and the AIMaaS management API.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    limits = settings.gateway.limits
+    oip_router, infer = build_oip_routes(
+        dataplane, auth,
+        max_body_bytes=limits.max_body_bytes,
+        sticky_header=settings.gateway.sticky_header,
+        server_version=version,
+    )
+    app.include_router(oip_router)
+    if management_router is not None:
+        app.include_router(management_router)
+    if docs is not None:
+        docs(app)
+    mapper = ErrorMapper(retry_after_seconds=limits.retry_after_seconds, logger=log)
+    install_error_handlers(app, mapper)
+    if telemetry is not None:
+        tracer = telemetry.tracer("services.gateway.http")
+    else:
+        # Not recording, but still minting trace ids for the access log and the upstream metadata.
+        provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+        tracer = provider.get_tracer("services.gateway.http")
+    app.edge = EdgeMiddleware(
+        InferFastPath(app.fastapi_call, infer=infer, on_error=mapper),
+        authenticator=auth, limits=limits, tracer=tracer, logger=log.bind(kind="access"),
+        unlimited_body=_is_model_upload if management_router is not None else None,
+    )
+    return app
+
+
+# POST /v1/models/{name}/versions (G3's streamed upload): artifacts may be far larger than an
+# inference body; the registry enforces AIMAAS_REGISTRY__MAX_ARTIFACT_BYTES as they stream.
+_UPLOAD_PATH = re.compile(r"^/v1/models/[^/]+/versions/?$")
+
+
+def _is_model_upload(method: str, path: str) -> bool:
+    return method == "POST" and _UPLOAD_PATH.match(path) is not None
+
+
+class GatewayHttpApp(FastAPI):
+    """FastAPI with the edge middleware outside FastAPI's own stack: it sees every request and response
+    (500s of FastAPI's error middleware included), and the inference fast path skips that stack."""
+
+    edge: Any = None
+
+    async def fastapi_call(self, scope: dict, receive: Any, send: Any) -> None:
+        await super().__call__(scope, receive, send)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        await self.edge(scope, receive, send)
+
+
+class HttpServer:
+    """One uvicorn server (uvloop + httptools when installed) running inside the caller's event loop.
+
+    Signals stay with the composition root (services.common.aio.run_service), not uvicorn.
+    """
+
+    def __init__(self, server: uvicorn.Server, task: asyncio.Task, port: int) -> None:
+        self._server = server
+        self._task = task
+        self.port = port
+
+    async def stop(self, grace_seconds: float = 5.0) -> None:
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), grace_seconds)
+        except TimeoutError:
+            self._server.force_exit = True
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._task
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+async def serve_http(
+    app: FastAPI,
+    host: str,
+    port: int,
+    *,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+    graceful_seconds: int = 5,
+) -> HttpServer:
+    """Start serving `app` on host:port (0: a free port, see HttpServer.port) and return once listening."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    actual_port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        loop="none",  # the caller's running loop (uvloop when the process runs on it)
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        lifespan="off",
+        access_log=False,  # our middleware writes the structured access log
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=graceful_seconds,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        ssl_cert_reqs=ssl_module.CERT_NONE,
+    )
+    server = _Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            sock.close()
+            task.result()  # raises the start-up error
+            raise RuntimeError("HTTP server stopped during start-up")
+        await asyncio.sleep(0.01)
+    return HttpServer(server, task, actual_port)

@@ -1,0 +1,258 @@
+"""The HTTP edge middleware: trace context, access log, concurrency limits, body limit, request timeout.
+
+One pure ASGI middleware (no BaseHTTPMiddleware: it costs a task and a stream copy per request),
+outermost in the app, so every response (413, 429 and 504 included) is logged and traced:
+
+- W3C `traceparent`/`tracestate` are extracted with OpenTelemetry's propagator and a server span
+  is made current; handlers inject it into the data plane call's metadata.
+- When the request carries `Authorization`, the key is authenticated once here (for the per-key
+  limit and the log's key_id); handlers reuse the principal from the scope state, and a failed
+  authentication is left to the handler that needs one (health probes need none).
+- Concurrency: at most `max_concurrency` requests in flight overall and `max_concurrency_per_key`
+  per API key (0: unlimited); beyond, 429 with Retry-After. Health probes are exempt.
+- Body: a Content-Length over `max_body_bytes` is refused before reading; a streamed (chunked)
+  body is counted while it is read, and crossing the limit raises BodyTooLarge (413). Model
+  uploads (`unlimited_body`) are exempt: the registry bounds artifacts itself while they stream.
+- Timeout: the request must start its response within `request_timeout_seconds` after the last
+  body bytes arrived (a long upload is not cut while it still streams); once the response has
+  started (event streams), no timeout applies. On expiry the handler is cancelled and 504 sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from starlette.requests import Request
+
+from services.common.auth import Principal
+from services.gateway.settings import LimitSettings
+
+PRINCIPAL_STATE = "aimaas_principal"
+REQUEST_DEADLINE_STATE = "aimaas_deadline"
+MODEL_STATE = "aimaas_model"
+_PROPAGATOR = TraceContextTextMapPropagator()
+_UNLIMITED_PREFIXES = ("/v2/health/",)
+
+
+class BodyTooLarge(Exception):
+    """The request body exceeds the configured limit (HTTP 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds the limit of {limit} bytes")
+        self.limit = limit
+
+
+def set_model(request: Request, model: str) -> None:
+    """Name the model a request is for, for the access log."""
+    request.scope.setdefault("state", {})[MODEL_STATE] = model
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole request body (the middleware enforces the size limit while it streams in)."""
+    return await request.body()
+
+
+def _error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+async def send_error(send: Any, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = _error_body(message)
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+def _path_model(scope: dict) -> str | None:
+    # Routes that do not name their model explicitly (the /v1 management API uses {name} under /v1/models/).
+    params = scope.get("path_params") or {}
+    if "model" in params:
+        return params["model"]
+    if "name" in params and scope["path"].startswith("/v1/models/"):
+        return params["name"]
+    return None
+
+
+class EdgeMiddleware:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        authenticator: Any,
+        limits: LimitSettings,
+        tracer: trace.Tracer,
+        logger: structlog.stdlib.BoundLogger,
+        unlimited_body: Callable[[str, str], bool] | None = None,
+    ) -> None:
+        """`unlimited_body(method, path)`: requests whose body the limit does not apply to (streamed
+        uploads that the upstream service bounds itself while they stream)."""
+        self.app = app
+        self._unlimited_body = unlimited_body or (lambda _method, _path: False)
+        self._auth = authenticator
+        self._limits = limits
+        self._tracer = tracer
+        self._log = logger
+        self._in_flight = 0
+        self._per_key: dict[str, int] = {}
+        self._retry_after = [(b"retry-after", str(limits.retry_after_seconds).encode())]
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        carrier: dict[str, str] = {}
+        authorization = content_length = None
+        for key, value in scope["headers"]:
+            if key == b"traceparent" or key == b"tracestate":
+                carrier[key.decode("latin-1")] = value.decode("latin-1")
+            elif key == b"authorization":
+                authorization = value.decode("latin-1")
+            elif key == b"content-length":
+                content_length = value
+        parent = _PROPAGATOR.extract(carrier) if carrier else None
+        method = scope["method"]
+        path = scope["path"]
+        span = self._tracer.start_span(f"HTTP {method}", context=parent, kind=SpanKind.SERVER,
+                                       attributes={"http.method": method, "http.target": path})
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        state = scope.setdefault("state", {})
+        outcome = {"status": None}
+        key_id = None
+        try:
+            if authorization is not None:
+                principal = await self._authenticate(authorization)
+                if principal is not None:
+                    state[PRINCIPAL_STATE] = principal
+                    key_id = principal.key_id
+            await self._limited(scope, receive, send, state, key_id, content_length, outcome)
+        finally:
+            status = outcome["status"] or 500
+            span.set_attribute("http.status_code", status)
+            if status >= 500:
+                span.set_status(trace.Status(trace.StatusCode.ERROR))
+            context = span.get_span_context()
+            span.end()
+            otel_context.detach(token)
+            self._log.info(
+                "http request",
+                method=method,
+                path=path,
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1e3, 3),
+                model=state.get(MODEL_STATE) or _path_model(scope),
+                key_id=key_id,
+                trace_id=format(context.trace_id, "032x") if context.is_valid else None,
+            )
+
+    async def _authenticate(self, authorization: str) -> Principal | None:
+        try:
+            return await self._auth.authenticate(authorization)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the handler re-authenticates and reports the precise error
+            return None
+
+    async def _limited(
+        self, scope: dict, receive: Any, send: Any, state: dict, key_id: str | None,
+        content_length: bytes | None, outcome: dict,
+    ) -> None:
+        limits = self._limits
+        max_body = None if self._unlimited_body(scope["method"], scope["path"]) else limits.max_body_bytes
+
+        async def respond(status: int, message: str, headers: list = ()) -> None:
+            outcome["status"] = status
+            await send_error(send, status, message, headers)
+
+        if content_length is not None:
+            if not content_length.isdigit():
+                await respond(400, "Content-Length must be a non-negative integer")
+                return
+            if max_body is not None and int(content_length) > max_body:
+                await respond(413, f"request body of {int(content_length)} bytes exceeds the limit of "
+                                   f"{max_body} bytes")
+                return
+        limited = not scope["path"].startswith(_UNLIMITED_PREFIXES)
+        if limited:
+            if limits.max_concurrency and self._in_flight >= limits.max_concurrency:
+                await respond(429, f"too many concurrent requests (limit {limits.max_concurrency}); retry later",
+                              self._retry_after)
+                return
+            if key_id is not None and limits.max_concurrency_per_key and \
+                    self._per_key.get(key_id, 0) >= limits.max_concurrency_per_key:
+                await respond(429, f"too many concurrent requests for this API key (limit "
+                                   f"{limits.max_concurrency_per_key}); retry later", self._retry_after)
+                return
+            self._in_flight += 1
+            if key_id is not None:
+                self._per_key[key_id] = self._per_key.get(key_id, 0) + 1
+        try:
+            await self._run(scope, receive, send, state, outcome, max_body)
+        finally:
+            if limited:
+                self._in_flight -= 1
+                if key_id is not None:
+                    left = self._per_key[key_id] - 1
+                    if left:
+                        self._per_key[key_id] = left
+                    else:
+                        del self._per_key[key_id]
+
+    async def _run(self, scope: dict, receive: Any, send: Any, state: dict, outcome: dict, max_body: int | None) -> None:
+        timeout = self._limits.request_timeout_seconds
+        loop = asyncio.get_running_loop()
+        state[REQUEST_DEADLINE_STATE] = loop.time() + timeout
+        received = 0
+        # asyncio.timeout can be moved: each body chunk pushes the deadline, the response start
+        # removes it.
+        guard = asyncio.timeout(state[REQUEST_DEADLINE_STATE])
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if max_body is not None and received > max_body:
+                    raise BodyTooLarge(max_body)
+                deadline = loop.time() + timeout
+                state[REQUEST_DEADLINE_STATE] = deadline
+                if outcome["status"] is None:
+                    guard.reschedule(deadline)
+            return message
+
+        async def tracked_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                outcome["status"] = message["status"]
+                guard.reschedule(None)
+            await send(message)
+
+        try:
+            async with guard:
+                await self.app(scope, limited_receive, tracked_send)
+        except TimeoutError:
+            if outcome["status"] is not None:
+                raise
+            outcome["status"] = 504
+            await send_error(send, 504, f"request timed out after {timeout:g} s")
+        except BodyTooLarge as exc:
+            # Normally the app's handler answers 413; this covers a handler that let it escape.
+            if outcome["status"] is not None:
+                raise
+            outcome["status"] = 413
+            await send_error(send, 413, str(exc))

@@ -1,0 +1,325 @@
+"""REST transport of the Open Inference Protocol (KServe v2 over HTTP) in front of the gateway data plane.
+
+Translation only: bodies go through the codec (services.gateway.rest.codec) into the same protobuf
+messages the gRPC edge uses, and the one GatewayDataPlane does the routing. Errors are raised as
+domain errors; the app's handlers (services.gateway.http_app) turn them into `{"error": "..."}`
+with the status of services.common.errors.http_status_for.
+
+Auth: health endpoints are open (probes); everything else needs a principal, READ for metadata,
+readiness, statistics and the index, INFER for inference, both within the key's model scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from inference import grpc_predict_v2_pb2 as pb
+from services.common.auth import Permission, Principal
+from services.common.errors import DeadlineExceeded, InvalidArgument
+from services.gateway.rest import codec
+from services.gateway.rest.edge import (
+    PRINCIPAL_STATE, REQUEST_DEADLINE_STATE, read_body, set_model,
+)
+
+SERVER_NAME = "aimaas"
+EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
+JSON = "application/json"
+OCTET_STREAM = "application/octet-stream"
+_PROPAGATOR = TraceContextTextMapPropagator()
+_ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+_ERRORS = {
+    status: {"description": text, "content": {JSON: {"schema": _ERROR_SCHEMA}}}
+    for status, text in (
+        (400, "malformed request"), (401, "missing or invalid API key"), (403, "not permitted"),
+        (404, "unknown model or version"), (413, "request body too large"), (429, "too many concurrent requests"),
+        (503, "no replica available"), (504, "request timed out"),
+    )
+}
+_TENSOR_SCHEMA = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
+                                                 "INT32", "INT64", "FP16", "FP32", "FP64", "BF16", "BYTES"]},
+        "parameters": {"type": "object"},
+        "data": {"type": "array"},
+    },
+}
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "Inference request JSON; with the binary tensor data extension the JSON is followed "
+        "by raw tensor bytes and its length is given in Inference-Header-Content-Length.",
+        "content": {
+            JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {"type": "array", "items": _TENSOR_SCHEMA},
+                        "outputs": {
+                            "type": "array",
+                            "items": {"type": "object", "required": ["name"],
+                                      "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}}},
+                        },
+                    },
+                }
+            },
+            OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_INDEX_BODY = {
+    "requestBody": {
+        "required": False,
+        "content": {JSON: {"schema": {"type": "object", "properties": {"ready": {"type": "boolean"}}}}},
+    }
+}
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, authorization_header: str | None) -> Principal: ...
+
+    def authorize(self, principal: Principal, permission: Permission, model: str | None = None) -> None: ...
+
+
+class DataPlane(Protocol):
+    async def server_live(self) -> bool: ...
+    async def server_ready(self) -> bool: ...
+    async def model_ready(self, model: str, version: str = "") -> bool: ...
+    async def model_metadata(self, model: str, version: str = "") -> pb.ModelMetadataResponse: ...
+    async def model_infer(self, request: pb.ModelInferRequest, *, principal: Principal, timeout: float | None,
+                          sticky_key: str | None = None, metadata: Any = ()) -> pb.ModelInferResponse: ...
+    async def model_statistics(self, model: str = "", version: str = "") -> pb.ModelStatisticsResponse: ...
+    async def repository_index(self) -> pb.RepositoryIndexResponse: ...
+
+
+def _json(document: Any, status: int = 200) -> Response:
+    return Response(json.dumps(document, separators=(",", ":")).encode(), status_code=status, media_type=JSON)
+
+
+def _version(version: str) -> str:
+    # Versions are positive integers in this mesh; anything else can only be a typo.
+    if not version.isascii() or not version.isdigit():
+        raise InvalidArgument(f"model version must be a positive integer, got {version[:40]!r}")
+    return version
+
+
+InferHandler = Callable[[Request, str, str], Awaitable[Response]]
+
+
+def build_oip_router(
+    dataplane: DataPlane,
+    auth: Authenticator,
+    *,
+    max_body_bytes: int,
+    sticky_header: str = "",
+    server_version: str = "",
+) -> APIRouter:
+    """The /v2 routes. `max_body_bytes` also bounds a decompressed (gzip/deflate) body."""
+    return build_oip_routes(dataplane, auth, max_body_bytes=max_body_bytes, sticky_header=sticky_header,
+                            server_version=server_version)[0]
+
+
+def build_oip_routes(
+    dataplane: DataPlane,
+    auth: Authenticator,
+    *,
+    max_body_bytes: int,
+    sticky_header: str = "",
+    server_version: str = "",
+) -> tuple[APIRouter, InferHandler]:
+    """The /v2 router, and its inference handler `(request, model, version or "")` for InferFastPath."""
+    router = APIRouter(prefix="/v2", tags=["inference (Open Inference Protocol)"], responses=_ERRORS)
+
+    async def principal_for(request: Request, permission: Permission, model: str | None) -> Principal:
+        # The edge middleware authenticated already when the request carried a key (for the
+        # per-key limit and the access log); otherwise authenticate here (raises 401).
+        principal = request.scope.get("state", {}).get(PRINCIPAL_STATE)
+        if principal is None:
+            principal = await auth.authenticate(request.headers.get("authorization"))
+        auth.authorize(principal, permission, model)
+        return principal
+
+    @router.get("", summary="Server metadata")
+    async def server_metadata(request: Request) -> Response:
+        await principal_for(request, Permission.READ, None)
+        return _json({"name": SERVER_NAME, "version": server_version, "extensions": EXTENSIONS})
+
+    @router.get("/health/live", summary="Server live (no auth: liveness probe)")
+    async def health_live() -> Response:
+        live = await dataplane.server_live()
+        return _json({"live": live} if live else {"live": False, "error": "server is not live"}, 200 if live else 503)
+
+    @router.get("/health/ready", summary="Server ready (no auth: readiness probe)")
+    async def health_ready() -> Response:
+        # 503 rather than the spec's generic 4xx: "not ready yet" is not a client error, and
+        # every probe treats any non-2xx alike.
+        ready = await dataplane.server_ready()
+        return _json({"ready": ready} if ready else {"ready": False, "error": "server is not ready"}, 200 if ready else 503)
+
+    async def model_ready(request: Request, model: str, version: str) -> Response:
+        set_model(request, model)
+        await principal_for(request, Permission.READ, model)
+        ready = await dataplane.model_ready(model, version)
+        if ready:
+            return _json({"name": model, "ready": True})
+        return _json({"name": model, "ready": False, "error": f"model '{model}' is not ready"}, 503)
+
+    async def model_metadata(request: Request, model: str, version: str) -> Response:
+        set_model(request, model)
+        await principal_for(request, Permission.READ, model)
+        return _json(codec.metadata_to_json(await dataplane.model_metadata(model, version)))
+
+    async def model_stats(request: Request, model: str, version: str) -> Response:
+        if model:
+            set_model(request, model)
+        principal = await principal_for(request, Permission.READ, model or None)
+        stats = await dataplane.model_statistics(model, version)
+        document = codec.message_to_json(stats)
+        if not model and principal.model_scope:
+            document["model_stats"] = [s for s in document["model_stats"] if principal.in_scope(s["name"])]
+        return _json(document)
+
+    async def infer(request: Request, model: str, version: str) -> Response:
+        set_model(request, model)
+        principal = await principal_for(request, Permission.INFER, model)
+        headers = request.headers
+        body = await read_body(request)
+        body = codec.decompress(body, headers.get("content-encoding"), max_body_bytes)
+        header_length = codec.parse_header_length(headers.get(codec.HEADER_LENGTH), len(body))
+        decoded = codec.decode_infer_request(body, header_length, model=model, version=version)
+        timeout = _remaining(request, decoded.timeout_s)
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier)
+        response = await dataplane.model_infer(
+            decoded.request,
+            principal=principal,
+            timeout=timeout,
+            sticky_key=(headers.get(sticky_header) or None) if sticky_header else None,
+            metadata=tuple(carrier.items()),
+        )
+        encoded = codec.encode_infer_response(response, decoded)
+        if encoded.header_length is None:
+            return Response(encoded.body, media_type=JSON)
+        return Response(
+            encoded.body,
+            media_type=OCTET_STREAM,
+            headers={"Inference-Header-Content-Length": str(encoded.header_length)},
+        )
+
+    async def repository_index(request: Request) -> Response:
+        principal = await principal_for(request, Permission.READ, None)
+        body = await read_body(request)
+        ready_only = False
+        if body.strip():
+            try:
+                document = json.loads(body)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise InvalidArgument("repository index request is not valid JSON") from None
+            if not isinstance(document, dict):
+                raise InvalidArgument("repository index request must be a JSON object")
+            ready_only = document.get("ready", False)
+            if not isinstance(ready_only, bool):
+                raise InvalidArgument("'ready' must be a boolean")
+        index = await dataplane.repository_index()
+        entries = [
+            {"name": m.name, "version": m.version, "state": m.state, "reason": m.reason}
+            for m in index.models
+            if principal.in_scope(m.name) and (not ready_only or m.state == "READY")
+        ]
+        return _json(entries)
+
+    # Before /models/{model}, which would otherwise take "stats" for a model name.
+    @router.get("/models/stats", summary="Statistics of every model")
+    async def all_stats(request: Request) -> Response:
+        return await model_stats(request, "", "")
+
+    # Unversioned and versioned forms share one handler each.
+    for suffix, versioned in (("", False), ("/versions/{version}", True)):
+        base = "/models/{model}" + suffix
+
+        def bind(handler, versioned=versioned):
+            if versioned:
+                async def endpoint(request: Request, model: str, version: str) -> Response:
+                    return await handler(request, model, _version(version))
+            else:
+                async def endpoint(request: Request, model: str) -> Response:
+                    return await handler(request, model, "")
+            endpoint.__name__ = handler.__name__ + ("_version" if versioned else "")
+            return endpoint
+
+        router.add_api_route(base, bind(model_metadata), methods=["GET"], summary="Model metadata")
+        router.add_api_route(base + "/ready", bind(model_ready), methods=["GET"], summary="Model ready")
+        router.add_api_route(base + "/stats", bind(model_stats), methods=["GET"], summary="Model statistics")
+        router.add_api_route(base + "/infer", bind(infer), methods=["POST"], summary="Inference",
+                             openapi_extra=_INFER_BODY)
+
+    router.add_api_route("/repository/index", repository_index, methods=["POST"], summary="Repository index",
+                         openapi_extra=_INDEX_BODY)
+
+    async def infer_entry(request: Request, model: str, version: str) -> Response:
+        return await infer(request, model, _version(version) if version else "")
+
+    return router, infer_entry
+
+
+class InferFastPath:
+    """ASGI layer that sends `POST /v2/models/{m}[/versions/{v}]/infer` straight to the inference handler.
+
+    FastAPI's route matching (a regex per route) and dependency solving cost more than the rest of
+    the edge together on a small request; the FastAPI route stays registered (OpenAPI document,
+    identical behaviour) and still serves anything this path does not recognise.
+    """
+
+    _PREFIX = "/v2/models/"
+    _SUFFIX = "/infer"
+
+    def __init__(self, app: Any, infer: InferHandler, on_error: Callable[[Request, Exception], Response]) -> None:
+        self.app = app
+        self._infer = infer
+        self._on_error = on_error
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            if path.startswith(self._PREFIX) and path.endswith(self._SUFFIX) and not scope.get("root_path"):
+                parts = path[len(self._PREFIX):-len(self._SUFFIX)].split("/")
+                if len(parts) == 1 and parts[0]:
+                    model, version = parts[0], ""
+                elif len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
+                    model, version = parts[0], parts[2]
+                else:
+                    model = version = None
+                if model is not None:
+                    request = Request(scope, receive)
+                    try:
+                        response = await self._infer(request, model, version)
+                    except Exception as exc:  # noqa: BLE001 - mapped exactly as the app's handlers do
+                        response = self._on_error(request, exc)
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def _remaining(request: Request, requested: float | None) -> float | None:
+    """Seconds left for the data plane call: the edge deadline, shortened by the request's own timeout."""
+    deadline = request.scope.get("state", {}).get(REQUEST_DEADLINE_STATE)
+    loop_time = asyncio.get_running_loop().time()
+    remaining = None if deadline is None else deadline - loop_time
+    if requested is not None:
+        remaining = requested if remaining is None else min(remaining, requested)
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("request timed out before it reached a model replica")
+    return remaining
