@@ -3,7 +3,12 @@
 Every `stats_interval_seconds` the reporter closes the data plane's statistics windows (a
 `StatsDelta` per model version: success and failure counts, latency and queue-time sketches, batch
 sizes, in-flight and queued requests) and queues one `ReportStatsRequest` with the host's resource
-use. A sender task writes queued reports, oldest first, to one long-lived client stream.
+use (CPU, memory, and GPU memory/utilization through NVML where a driver is present). A sender task
+writes queued reports, oldest first, to one long-lived client stream.
+
+High availability: `monitor_address` may list several monitor replicas ("a:8401,b:8401"); every
+report goes to every replica, each through its own buffer, stream and backoff, so a dead replica
+delays nothing and every live replica holds the full statistics (services/monitor/README.md).
 
 Serving never waits for the monitor: requests only update plain numbers in their ModelStats
 (services.inference.stats); everything here runs in two background tasks. When the monitor is
@@ -96,17 +101,54 @@ def deltas(windows: Iterable[ClosedWindow]) -> list[mpb.StatsDelta]:
     return result
 
 
+class NvmlGpus:
+    """Memory and utilization of every GPU on the host through NVML (nvidia-ml-py), summed (memory) and
+    averaged (utilization). `sample()` is None where there is no NVML library, driver or device: after
+    the first failure it stops asking (GPU figures are then absent, not zero)."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] | None = None
+        self.failure: str | None = None
+
+    def sample(self) -> tuple[int, int, float] | None:
+        if self.failure is not None:
+            return None
+        try:
+            import pynvml
+
+            if self._handles is None:
+                pynvml.nvmlInit()
+                self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            if not self._handles:
+                self.failure = "no GPU devices"
+                return None
+            used = total = 0
+            utilization = 0.0
+            for handle in self._handles:
+                memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                used += int(memory.used)
+                total += int(memory.total)
+                utilization += float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+            return used, total, utilization / len(self._handles)
+        except Exception as exc:  # noqa: BLE001 - NVML absent or broken: GPU figures are optional
+            self.failure = f"{type(exc).__name__}: {exc}"
+            return None
+
+
 class ResourceSampler:
-    """Host CPU and memory (psutil) and, on GPU nodes, device memory. Blocking: call off the loop.
+    """Host CPU and memory (psutil) and GPU memory and utilization: through NVML wherever it works (any
+    node with an NVIDIA driver), else, on GPU nodes (`gpu=True`), device memory from the CUDA runtime.
+    Blocking: call off the loop.
 
     CPU use is the busy share of all CPUs since the previous sample, computed from its own
     `psutil.cpu_times()` snapshots (psutil.cpu_percent keeps one process-wide baseline that other
     callers would disturb).
     """
 
-    def __init__(self, *, gpu: bool = False, logger: Any = None) -> None:
+    def __init__(self, *, gpu: bool = False, logger: Any = None, nvml: NvmlGpus | None = None) -> None:
         self._gpu = gpu
         self._log = logger
+        self._nvml = nvml if nvml is not None else NvmlGpus()
         self._last = psutil.cpu_times()
 
     @staticmethod
@@ -128,7 +170,11 @@ class ResourceSampler:
             memory_used_bytes=max(0, memory.total - memory.available),
             memory_total_bytes=memory.total,
         )
-        if self._gpu:
+        gpus = self._nvml.sample()
+        if gpus is not None:
+            usage.gpu_memory_used_bytes, usage.gpu_memory_total_bytes = gpus[0], gpus[1]
+            usage.gpu_utilization_percent = round(gpus[2], 2)
+        elif self._gpu:
             self._sample_gpu(usage)
         return usage
 
@@ -157,61 +203,44 @@ class _StreamBroken(Exception):
         self.clean = clean
 
 
-class StatsReporter:
-    """Collects statistics windows every interval and streams them to the monitor; see the module docstring."""
+def monitor_addresses(value: str) -> list[str]:
+    """The monitor addresses of `monitor_address`: one host:port, or several separated by commas (every
+    monitor replica gets every report, so losing one loses no statistics; see services/monitor/README.md)."""
+    addresses = []
+    for part in value.split(","):
+        part = part.strip()
+        if part and part not in addresses:
+            addresses.append(part)
+    return addresses
 
-    def __init__(
-        self,
-        settings: InferenceServerSettings,
-        *,
-        source: Callable[[], list[ClosedWindow]],
-        reporter_id: str,
-        logger: Any,
-        gpu: bool = False,
-    ) -> None:
-        """`source`: closes and returns the statistics windows (`DataPlane.close_stats_windows`).
-        `gpu`: also report device memory (the node runs a GPU backend)."""
-        if not settings.monitor_address:
-            raise ValueError("the stats reporter needs settings.monitor_address")
-        self.address = settings.monitor_address
-        self.reporter_id = reporter_id
-        self._interval = settings.stats_interval_seconds
-        self._buffer_max = settings.monitor_buffer_max_reports
-        self._retry_initial = settings.monitor_retry_initial_seconds
-        self._retry_max = settings.monitor_retry_max_seconds
-        self._flush_timeout = settings.monitor_flush_timeout_seconds
-        self._write_timeout = max(_MIN_WRITE_TIMEOUT_SECONDS, 2 * self._interval)
-        self._source = source
-        self._log = logger.bind(component="stats-reporter", monitor=self.address)
-        self._sampler = ResourceSampler(gpu=gpu, logger=self._log)
-        self._buffer: deque[mpb.ReportStatsRequest] = deque()
+
+class _Destination:
+    """One monitor address: its own buffer, channel and client stream, so a slow or dead monitor never
+    holds back the others."""
+
+    def __init__(self, address: str, *, buffer_max: int, retry: tuple[float, float], write_timeout: float,
+                 flush_timeout: float, logger: Any) -> None:
+        self.address = address
+        self._buffer_max = buffer_max
+        self._retry_initial, self._retry_max = retry
+        self._write_timeout = write_timeout
+        self._flush_timeout = flush_timeout
+        self._log = logger.bind(monitor=address)
+        self.buffer: deque[mpb.ReportStatsRequest] = deque()
         self._wake = asyncio.Event()
         self._closing = False
-        self._stopped = False
         self._channel: grpc.aio.Channel | None = None
         self._stub: mpb_grpc.MonitorServiceStub | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._connected = False
+        self.task: asyncio.Task[None] | None = None
+        self.connected = False
         self._outage_logged = False
         self._drop_logged = False
-        # Observable counters (logs, tests).
         self.reports_sent = 0
         self.reports_dropped = 0
         self.connections = 0
         self.outages = 0
 
-    @property
-    def pending(self) -> int:
-        """Reports waiting to be written."""
-        return len(self._buffer)
-
-    @property
-    def connected(self) -> bool:
-        return self._connected
-
-    # -- lifecycle -------------------------------------------------------------------------------------
-
-    async def start(self) -> None:
+    def start(self) -> None:
         backoff_ms = int(self._retry_initial * 1000)
         options = [
             # The channel's own reconnection follows our backoff, so a returning monitor is found soon.
@@ -225,59 +254,19 @@ class StatsReporter:
         ]
         self._channel = grpc.aio.insecure_channel(self.address, options=options)
         self._stub = mpb_grpc.MonitorServiceStub(self._channel)
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._collect_loop(), name="stats-reporter-collect"),
-            loop.create_task(self._send_loop(), name="stats-reporter-send"),
-        ]
-        self._log.info("streaming statistics to the monitor", interval_seconds=self._interval, reporter_id=self.reporter_id)
+        self.task = asyncio.get_running_loop().create_task(self._send_loop(), name=f"stats-reporter-send-{self.address}")
 
-    async def stop(self) -> None:
-        """Report the last interval, flush (bounded by monitor_flush_timeout_seconds), close the stream."""
-        if self._stopped:
-            return
-        self._stopped = True
-        collect, send = self._tasks if self._tasks else (None, None)
-        if collect is not None:
-            collect.cancel()
-            await asyncio.wait([collect])
-        try:
-            await self.collect()
-        except Exception:  # noqa: BLE001 - shutdown goes on without the last report
-            self._log.exception("could not collect the last statistics")
+    def close_soon(self) -> None:
         self._closing = True
         self._wake.set()
-        if send is not None:
-            done, _ = await asyncio.wait([send], timeout=self._flush_timeout)
-            if not done:
-                send.cancel()
-                await asyncio.wait([send])
-            if self._buffer:
-                self._log.warning(
-                    "statistics not delivered to the monitor at shutdown", reports=len(self._buffer)
-                )
+
+    async def close_channel(self) -> None:
         if self._channel is not None:
             await self._channel.close()
-        self._log.info(
-            "stats reporter stopped", reports_sent=self.reports_sent, reports_dropped=self.reports_dropped
-        )
 
-    # -- collecting ------------------------------------------------------------------------------------
-
-    async def collect(self) -> None:
-        """Close the statistics windows now and queue one report (the interval loop calls this)."""
-        resources = await asyncio.to_thread(self._sampler.sample)
-        request = mpb.ReportStatsRequest(
-            reporter_kind=mpb.REPORTER_KIND_INFERENCE_NODE,
-            reporter_id=self.reporter_id,
-            deltas=deltas(self._source()),
-            resources=resources,
-        )
-        self._enqueue(request)
-
-    def _enqueue(self, request: mpb.ReportStatsRequest) -> None:
-        if len(self._buffer) >= self._buffer_max:
-            self._buffer.popleft()
+    def enqueue(self, request: mpb.ReportStatsRequest) -> None:
+        if len(self.buffer) >= self._buffer_max:
+            self.buffer.popleft()
             self.reports_dropped += 1
             if not self._drop_logged:
                 self._drop_logged = True
@@ -285,32 +274,15 @@ class StatsReporter:
                     "monitor unreachable and the report buffer is full; dropping the oldest reports",
                     max_reports=self._buffer_max,
                 )
-        self._buffer.append(request)
+        self.buffer.append(request)
         self._wake.set()
-
-    async def _collect_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time() + self._interval
-        while True:
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-            # On a fixed schedule: a slow round does not shift every later interval.
-            next_at += self._interval
-            now = loop.time()
-            if next_at <= now:
-                next_at = now + self._interval
-            try:
-                await self.collect()
-            except Exception:  # noqa: BLE001 - a bad round must not end reporting
-                self._log.exception("collecting statistics failed")
-
-    # -- sending ---------------------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
         backoff = Backoff(self._retry_initial, self._retry_max)
         while True:
-            if self._closing and not self._buffer:
+            if self._closing and not self.buffer:
                 return
-            if not self._buffer:
+            if not self.buffer:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -322,7 +294,7 @@ class StatsReporter:
             except _StreamBroken as exc:
                 if exc.clean:
                     # The monitor finished the stream on purpose (e.g. rebalancing): reopen at once.
-                    self._connected = False
+                    self.connected = False
                     self._log.info("the monitor closed the statistics stream; reopening")
                     await asyncio.sleep(self._retry_initial)
                     continue
@@ -340,7 +312,7 @@ class StatsReporter:
     async def _stream(self, call: Any, backoff: Backoff) -> None:
         """Write queued reports to `call` until closing with an empty buffer; _StreamBroken when it fails."""
         while True:
-            while not self._buffer:
+            while not self.buffer:
                 if self._closing:
                     await self._close(call)
                     return
@@ -348,7 +320,7 @@ class StatsReporter:
                 await self._wake.wait()
             if call.done():
                 raise await self._ended(call)
-            request = self._buffer.popleft()
+            request = self.buffer.popleft()
             try:
                 await asyncio.wait_for(call.write(request), self._write_timeout)
             except BaseException as exc:
@@ -363,14 +335,14 @@ class StatsReporter:
                     raise await self._ended(call) from None
                 raise
             self.reports_sent += 1
-            if not self._connected:
+            if not self.connected:
                 self._reconnected()
                 backoff.reset()
 
     def _requeue(self, request: mpb.ReportStatsRequest) -> None:
         """Put a report that was not written back in front (unless newer ones filled the buffer)."""
-        if len(self._buffer) < self._buffer_max:
-            self._buffer.appendleft(request)
+        if len(self.buffer) < self._buffer_max:
+            self.buffer.appendleft(request)
         else:
             self.reports_dropped += 1
 
@@ -394,12 +366,12 @@ class StatsReporter:
         self._log.debug("monitor stream closed", accepted_deltas=response.accepted_deltas)
 
     def _reconnected(self) -> None:
-        self._connected = True
+        self.connected = True
         self.connections += 1
         if self._outage_logged:
             self._log.info(
                 "monitor reachable again; statistics stream re-established",
-                pending=len(self._buffer),
+                pending=len(self.buffer),
                 reports_dropped=self.reports_dropped,
             )
         elif self.connections == 1:
@@ -408,7 +380,7 @@ class StatsReporter:
         self._drop_logged = False
 
     def _disconnected(self, reason: str) -> None:
-        was_connected, self._connected = self._connected, False
+        was_connected, self.connected = self.connected, False
         if not self._outage_logged:
             self._outage_logged = True
             self.outages += 1
@@ -416,7 +388,151 @@ class StatsReporter:
                 "monitor unreachable; buffering statistics and reconnecting in the background",
                 reason=reason,
                 was_connected=was_connected,
-                pending=len(self._buffer),
+                pending=len(self.buffer),
             )
         else:
-            self._log.debug("monitor still unreachable", reason=reason, pending=len(self._buffer))
+            self._log.debug("monitor still unreachable", reason=reason, pending=len(self.buffer))
+
+
+class StatsReporter:
+    """Collects statistics windows every interval and streams them to every monitor address; see the
+    module docstring. With several addresses (`monitor_address` = "a:8401,b:8401") each report goes to
+    each monitor through its own buffer and stream; the counters below are sums over the monitors."""
+
+    def __init__(
+        self,
+        settings: InferenceServerSettings,
+        *,
+        source: Callable[[], list[ClosedWindow]],
+        reporter_id: str,
+        logger: Any,
+        gpu: bool = False,
+    ) -> None:
+        """`source`: closes and returns the statistics windows (`DataPlane.close_stats_windows`).
+        `gpu`: also report device memory (the node runs a GPU backend)."""
+        addresses = monitor_addresses(settings.monitor_address)
+        if not addresses:
+            raise ValueError("the stats reporter needs settings.monitor_address")
+        self.address = ",".join(addresses)
+        self.addresses = addresses
+        self.reporter_id = reporter_id
+        self._interval = settings.stats_interval_seconds
+        self._flush_timeout = settings.monitor_flush_timeout_seconds
+        self._source = source
+        self._log = logger.bind(component="stats-reporter", monitor=self.address)
+        self._sampler = ResourceSampler(gpu=gpu, logger=self._log)
+        self.destinations = [
+            _Destination(
+                address,
+                buffer_max=settings.monitor_buffer_max_reports,
+                retry=(settings.monitor_retry_initial_seconds, settings.monitor_retry_max_seconds),
+                write_timeout=max(_MIN_WRITE_TIMEOUT_SECONDS, 2 * self._interval),
+                flush_timeout=self._flush_timeout,
+                logger=logger.bind(component="stats-reporter"),
+            )
+            for address in addresses
+        ]
+        self._collect_task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    # Observable counters (logs, tests): sums over the monitors.
+    @property
+    def reports_sent(self) -> int:
+        return sum(d.reports_sent for d in self.destinations)
+
+    @property
+    def reports_dropped(self) -> int:
+        return sum(d.reports_dropped for d in self.destinations)
+
+    @property
+    def connections(self) -> int:
+        return sum(d.connections for d in self.destinations)
+
+    @property
+    def outages(self) -> int:
+        return sum(d.outages for d in self.destinations)
+
+    @property
+    def pending(self) -> int:
+        """Reports waiting to be written (to the monitor furthest behind)."""
+        return max(len(d.buffer) for d in self.destinations)
+
+    @property
+    def connected(self) -> bool:
+        """Whether every monitor's stream is up."""
+        return all(d.connected for d in self.destinations)
+
+    @property
+    def _buffer(self) -> deque[mpb.ReportStatsRequest]:
+        return self.destinations[0].buffer
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for destination in self.destinations:
+            destination.start()
+        self._collect_task = asyncio.get_running_loop().create_task(self._collect_loop(), name="stats-reporter-collect")
+        self._log.info("streaming statistics to the monitor", interval_seconds=self._interval, reporter_id=self.reporter_id)
+
+    async def stop(self) -> None:
+        """Report the last interval, flush (bounded by monitor_flush_timeout_seconds), close the streams."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._collect_task is not None:
+            self._collect_task.cancel()
+            await asyncio.wait([self._collect_task])
+        try:
+            await self.collect()
+        except Exception:  # noqa: BLE001 - shutdown goes on without the last report
+            self._log.exception("could not collect the last statistics")
+        for destination in self.destinations:
+            destination.close_soon()
+        sends = [d.task for d in self.destinations if d.task is not None]
+        if sends:
+            _, pending = await asyncio.wait(sends, timeout=self._flush_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for destination in self.destinations:
+            if destination.buffer:
+                self._log.warning(
+                    "statistics not delivered to the monitor at shutdown",
+                    monitor=destination.address,
+                    reports=len(destination.buffer),
+                )
+            await destination.close_channel()
+        self._log.info(
+            "stats reporter stopped", reports_sent=self.reports_sent, reports_dropped=self.reports_dropped
+        )
+
+    # -- collecting ------------------------------------------------------------------------------------
+
+    async def collect(self) -> None:
+        """Close the statistics windows now and queue one report for every monitor (the interval loop
+        calls this)."""
+        resources = await asyncio.to_thread(self._sampler.sample)
+        request = mpb.ReportStatsRequest(
+            reporter_kind=mpb.REPORTER_KIND_INFERENCE_NODE,
+            reporter_id=self.reporter_id,
+            deltas=deltas(self._source()),
+            resources=resources,
+        )
+        for destination in self.destinations:
+            destination.enqueue(request)
+
+    async def _collect_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self._interval
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            # On a fixed schedule: a slow round does not shift every later interval.
+            next_at += self._interval
+            now = loop.time()
+            if next_at <= now:
+                next_at = now + self._interval
+            try:
+                await self.collect()
+            except Exception:  # noqa: BLE001 - a bad round must not end reporting
+                self._log.exception("collecting statistics failed")
