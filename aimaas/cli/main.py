@@ -7,11 +7,16 @@ import pathlib
 
 import click
 
+from aimaas.cli.cluster import cluster_document, deployments_table, nodes_table
+from aimaas.cli.connect import gateway_option, open_service, resolve_target, sdk_error
 from aimaas.cli.deploy import deploy, predict
+from aimaas.cli.keys import keys
 from aimaas.cli.environment import CliEnvironment, InvalidEnvironment
 from aimaas.cli.mesh import Mesh, UpOptions, status_table
 from aimaas.cli.models import DEFAULT_STATE_DIR, models
 from aimaas.cli.output import CliContext, CliError, current, make_console
+from aimaas.cli.ports import MAX_INFERENCE_NODES, SERVICE_NAMES
+from aimaas.sdk import AimaasError
 
 state_dir_option = click.option(
     "--state-dir",
@@ -56,6 +61,18 @@ def cli(ctx: click.Context) -> None:
     "--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
     help="Seconds each process may take to become healthy.",
 )  # fmt: skip
+@click.option(
+    "--inference-nodes", type=click.IntRange(1, MAX_INFERENCE_NODES), default=1, show_default=True,
+    help="Inference node processes to start (replicas of a version go to distinct nodes).",
+)  # fmt: skip
+@click.option(
+    "--auth/--no-auth", default=False, show_default=True,
+    help="Make the gateway check API keys; a bootstrap admin token is printed and kept in the state dir.",
+)  # fmt: skip
+@click.option(
+    "--without", multiple=True, type=click.Choice(SERVICE_NAMES),
+    help="Do not start this service (repeatable), e.g. to run your own build of it.",
+)  # fmt: skip
 def up(
     state_dir: pathlib.Path,
     etcd_endpoint: str | None,
@@ -63,9 +80,16 @@ def up(
     s3_bucket: str | None,
     base_port_offset: int,
     timeout: float,
+    inference_nodes: int,
+    auth: bool,
+    without: tuple[str, ...],
 ) -> None:
-    """Start etcd, the object store and every service on loopback, detached."""
-    options = UpOptions(state_dir, etcd_endpoint, s3_endpoint, s3_bucket, base_port_offset, timeout)
+    """Start etcd, the object store and every service (registry, monitor, scheduler, inference
+    nodes, gateway) on loopback, detached."""
+    options = UpOptions(
+        state_dir, etcd_endpoint, s3_endpoint, s3_bucket, base_port_offset, timeout, inference_nodes, auth,
+        frozenset(without),
+    )
     try:
         _mesh().up(options)
     except InvalidEnvironment as exc:
@@ -87,21 +111,42 @@ def down(state_dir: pathlib.Path, grace: float) -> None:
 @state_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts and tests).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="Seconds per health probe.")
-def status(state_dir: pathlib.Path, as_json: bool, timeout: float) -> None:
-    """Show every process of the mesh with pid, endpoints and health (exit code 0 even when unhealthy)."""
+@gateway_option
+def status(state_dir: pathlib.Path, as_json: bool, timeout: float, gateway: str | None) -> None:
+    """Show the mesh processes (pid, endpoints, health), the deployments with their replicas, and the
+    inference nodes (exit code 0 even when unhealthy)."""
     document = _mesh().status(state_dir, timeout)
+    if document["processes"] or gateway:
+        target = resolve_target(state_dir, gateway=gateway)
+        client = open_service(target, max(timeout, 5.0))
+        try:
+            document.update(cluster_document(client, target.gateway is not None))
+        except AimaasError as exc:
+            # Processes are still worth showing when the control plane does not answer.
+            document["cluster_error"] = str(sdk_error(exc, target, "scheduler").format_message())
+        finally:
+            client.close()
     if as_json:
         click.echo(json.dumps(document, indent=2))
         return
     out = current().out
     if not document["processes"]:
         out.print(f"not running (no mesh state in {document['state_dir']}); start it with `aimaas up`", markup=False)
-        return
-    out.print(f"aimaas mesh in {document['state_dir']}", markup=False)
-    out.print(status_table(document))
+    else:
+        out.print(f"aimaas mesh in {document['state_dir']}", markup=False)
+        out.print(status_table(document))
+    if "cluster_error" in document:
+        out.print(f"deployments and nodes unavailable: {document['cluster_error']}", markup=False)
+    if "deployments" in document:
+        if document["deployments"]:
+            out.print(deployments_table(document["deployments"]))
+        else:
+            out.print("no deployments (`aimaas deploy MODEL`)", markup=False)
+        out.print(nodes_table(document["nodes"]))
 
 
 cli.add_command(models)
+cli.add_command(keys)
 cli.add_command(deploy)
 cli.add_command(predict)
 

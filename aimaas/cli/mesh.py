@@ -6,6 +6,7 @@ import datetime
 import importlib.util
 import os
 import pathlib
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,8 +25,25 @@ from rich.table import Table
 from aimaas.cli.environment import CliEnvironment
 from aimaas.cli.health import etcd_healthy, grpc_serving
 from aimaas.cli.output import CliError
-from aimaas.cli.ports import LOOPBACK, SERVICE_NAMES, busy_ports, plan_ports, port_env_var
-from aimaas.cli.state import MeshState, ProcessRecord, StateError, load_state, remove_state, save_state
+from aimaas.cli.ports import (
+    LOOPBACK,
+    SERVICE_NAMES,
+    base_service,
+    busy_ports,
+    inference_node_names,
+    plan_ports,
+    port_env_var,
+)
+from aimaas.cli.state import (
+    MeshState,
+    ProcessRecord,
+    StateError,
+    admin_token_path,
+    load_state,
+    remove_state,
+    save_state,
+    write_admin_token,
+)
 
 ETCD_INSTALL_HINT = "apt-get install etcd-server"
 _LOG_TAIL_LINES = 40
@@ -42,6 +60,12 @@ class UpOptions:
     port_offset: int = 0
     # Seconds each process may take to become healthy.
     timeout: float = 60.0
+    # Inference node processes (replicas of one version go to distinct nodes).
+    inference_nodes: int = 1
+    # Gateway auth: off for local development unless asked for.
+    auth: bool = False
+    # Services not to start even though they exist.
+    without: frozenset[str] = frozenset()
 
 
 class LaunchFailed(Exception):
@@ -86,14 +110,42 @@ def etcd_command(binary: str, data_dir: pathlib.Path, client_port: int, peer_por
     ]  # fmt: skip
 
 
-def service_settings(name: str, ports: dict[str, int], state_dir: pathlib.Path | None = None) -> dict[str, str]:
+def service_settings(
+    name: str, ports: dict[str, int], state_dir: pathlib.Path | None = None, node: str | None = None
+) -> dict[str, str]:
     """AIMAAS_<NAME>__HOST and __<KIND>_PORT of one service (DESIGN.md "Configuration"), plus the
     local data folders a service keeps inside the mesh's state directory."""
     settings = {f"AIMAAS_{name.upper()}__HOST": LOOPBACK}
     settings.update({port_env_var(name, kind): str(port) for kind, port in ports.items()})
     if name == "inference" and state_dir is not None:
-        settings["AIMAAS_INFERENCE__CACHE_DIR"] = str(state_dir / "cache" / "inference")
+        settings["AIMAAS_INFERENCE__CACHE_DIR"] = str(state_dir / "cache" / (node or "inference"))
     return settings
+
+
+def wiring_settings(
+    name: str, plan: dict[str, dict[str, int]], *, auth: bool = False, admin_token: str | None = None
+) -> dict[str, str]:
+    """Addresses a service needs of the others in the plan (gateway upstreams, the monitor), and the
+    gateway's auth switch with the bootstrap admin token."""
+    address = {service: f"{LOOPBACK}:{ports['grpc']}" for service, ports in plan.items() if "grpc" in ports}
+    settings: dict[str, str] = {}
+    monitor = address.get("monitor")
+    if name == "gateway":
+        settings["AIMAAS_GATEWAY__REGISTRY_ADDRESS"] = address.get("registry", "")
+        settings["AIMAAS_GATEWAY__SCHEDULER_ADDRESS"] = address.get("scheduler", "")
+        settings["AIMAAS_GATEWAY__MONITOR_ADDRESS"] = monitor or ""
+        settings["AIMAAS_GATEWAY__AUTH__ENABLED"] = "true" if auth else "false"
+        if auth and admin_token:
+            settings["AIMAAS_GATEWAY__AUTH__BOOTSTRAP_ADMIN_TOKEN"] = admin_token
+    elif name == "monitor":
+        # The monitor calls its HTTP port the dashboard port; its dashboard checks the same API keys.
+        settings["AIMAAS_MONITOR__DASHBOARD_PORT"] = str(plan["monitor"]["http"])
+        settings["AIMAAS_MONITOR__AUTH__ENABLED"] = "true" if auth else "false"
+        if auth and admin_token:
+            settings["AIMAAS_MONITOR__AUTH__BOOTSTRAP_ADMIN_TOKEN"] = admin_token
+    elif name in ("inference", "scheduler") and monitor:
+        settings[f"AIMAAS_{name.upper()}__MONITOR_ADDRESS"] = monitor
+    return {key: value for key, value in settings.items() if value or key.endswith("MONITOR_ADDRESS")}
 
 
 def endpoints_of(ports: dict[str, int]) -> dict[str, str]:
@@ -256,7 +308,11 @@ class Mesh:
                     f"    {ETCD_INSTALL_HINT}\n"
                     "or pass --etcd-endpoint HOST:PORT of a running etcd"
                 )
-        services = discover_services(services_root())
+        services = [name for name in discover_services(services_root()) if name not in options.without]
+        if "inference" in services:
+            # Extra nodes start right after the first, before the services that call them.
+            at = services.index("inference")
+            services[at : at + 1] = inference_node_names(options.inference_nodes)
         try:
             plan = plan_ports(
                 (["etcd"] if etcd_binary else []) + services, options.port_offset, self.env.port_overrides()
@@ -276,11 +332,19 @@ class Mesh:
         # Logs reach the files as they happen, not when a buffer fills.
         common["PYTHONUNBUFFERED"] = "1"
 
+        admin_token = None
+        if options.auth and "gateway" in services:
+            # A given token wins; else a fresh one, kept (0600) in the state dir for later commands.
+            admin_token = self.env.get("AIMAAS_GATEWAY__AUTH__BOOTSTRAP_ADMIN_TOKEN") or secrets.token_urlsafe(32)
+            write_admin_token(state_dir, admin_token)
+        else:
+            admin_token_path(state_dir).unlink(missing_ok=True)
         state = MeshState(
             state_dir=str(state_dir),
             etcd_endpoint=etcd_endpoint,
             object_store=object_store,
             created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            auth=admin_token is not None,
         )
         if etcd_binary is None:
             # Recorded without a pid: status probes it, down leaves it alone.
@@ -300,15 +364,29 @@ class Mesh:
                     etcd_command(etcd_binary, state_dir / "etcd", ports["client"], ports["peer"]),
                     {}, endpoints_of(ports), options.timeout, started,
                 )  # fmt: skip
-            for name in services:
-                command = [sys.executable, "-m", f"services.{name}"]
-                settings = common | service_settings(name, plan[name], state_dir)
+            for index, name in enumerate(services, start=1):
+                service = base_service(name)
+                command = [sys.executable, "-m", f"services.{service}"]
+                settings = common | service_settings(service, plan[name], state_dir, node=name)
+                settings |= wiring_settings(service, plan, auth=options.auth, admin_token=admin_token)
+                self.err.print(f"[{index}/{len(services)}] starting {name}", markup=False)
                 self._launch(state, name, command, settings, endpoints_of(plan[name]), options.timeout, started)
         except (LaunchFailed, KeyboardInterrupt) as exc:
             self._abort_start(state_dir, started, exc)
         self.out.print(f"aimaas mesh in {state_dir}", markup=False)
         self.out.print(status_table(status_document(state_dir, state)))
         self.out.print(f"object store: {_describe_store(object_store)}", markup=False)
+        gateway = state.find("gateway")
+        if gateway is not None:
+            self.out.print(
+                f"gateway: gRPC {gateway.endpoints['grpc']}, REST http://{gateway.endpoints.get('http', '')} "
+                f"(docs at /docs); auth {'on' if state.auth else 'off'}",
+                markup=False,
+            )
+        if admin_token is not None:
+            self.out.print(
+                f"admin token (stored in {admin_token_path(state_dir)}, used by this CLI): {admin_token}", markup=False
+            )
         self.out.print(f"stop with: aimaas down --state-dir {_shell_path(state_dir)}", markup=False)
 
     def _load(self, state_dir: pathlib.Path) -> MeshState | None:
@@ -412,7 +490,7 @@ class Mesh:
                     )
                 time.sleep(_POLL_INTERVAL_S)
         self.err.print(
-            f"[green]ok[/] {record.name:<10} pid {record.pid:<8} healthy at {main_endpoint} "
+            f"[green]ok[/] {record.name:<12} pid {record.pid:<8} healthy at {main_endpoint} "
             f"in {time.monotonic() - began:.1f}s"
         )
 
@@ -424,7 +502,7 @@ class Mesh:
                 if time.monotonic() - began > min(timeout, 10.0):
                     raise LaunchFailed(f"etcd at {endpoint} is not healthy (its /health is not \"true\")")
                 time.sleep(_POLL_INTERVAL_S)
-        self.err.print(f"[green]ok[/] {'etcd':<10} external   healthy at {endpoint}")
+        self.err.print(f"[green]ok[/] {'etcd':<12} external   healthy at {endpoint}")
 
     def _abort_start(
         self,
@@ -466,6 +544,8 @@ class Mesh:
                 pid = next(record.pid for record in group if record.name == name)
                 self.err.print(f"{name:<10} pid {pid:<8} {outcome}", markup=False)
         remove_state(state_dir)
+        # The bootstrap token lived only in the stopped gateway's environment.
+        admin_token_path(state_dir).unlink(missing_ok=True)
         self.out.print(f"the mesh is stopped; its data stays in {state_dir}", markup=False)
 
     # --- status -----------------------------------------------------------------------------

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
-import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.console import Console
@@ -25,15 +22,14 @@ from rich.progress import (
 from rich.markup import escape
 from rich.table import Table
 
+from aimaas.cli.connect import DEFAULT_STATE_DIR, Target, gateway_option, with_service
+from aimaas.cli.output import current, human_bytes
 from aimaas.cli.state import service_address
-from aimaas.cli.output import current, human_bytes, rpc_error
-from aimaas.client import RegistryClient, file_digest, upload_deadline
+from aimaas.sdk import ModelService
 from aimaas.registry.v1 import registry_pb2 as pb
 from aimaas.types.v1 import types_pb2
 
-DEFAULT_STATE_DIR = pathlib.Path(".aimaas")
-FORMATS = {"auto": types_pb2.MODEL_FORMAT_UNSPECIFIED, "onnx": types_pb2.MODEL_FORMAT_ONNX,
-           "tensorrt-plan": types_pb2.MODEL_FORMAT_TENSORRT_PLAN}  # fmt: skip
+FORMATS = {"auto": None, "onnx": "onnx", "tensorrt-plan": "tensorrt-plan"}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,35 +40,22 @@ def resolve_registry(explicit: str | None, state_dir: pathlib.Path) -> str:
 
 
 def registry_options(command: F) -> F:
-    """--registry, --state-dir and --timeout of every command that calls the registry."""
-
-    @click.option(
-        "--registry", metavar="HOST:PORT",
-        help="Registry gRPC address [default: from the state dir of `aimaas up`, else 127.0.0.1:8101].",
-    )  # fmt: skip
-    @click.option(
-        "--state-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
-        default=DEFAULT_STATE_DIR, show_default=True, help="State dir of `aimaas up` (to find the registry).",
-    )  # fmt: skip
-    @click.option(
+    """--gateway, --registry, --state-dir and --timeout of every command that calls the registry; the
+    command gets `client` (the SDK, through the gateway when one runs) and `target`."""
+    command = with_service("registry")(command)
+    command = click.option(
         "--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
         help="Deadline of each call in seconds (uploads get extra time per byte).",
-    )  # fmt: skip
-    @functools.wraps(command)
-    def wrapper(*args: Any, registry: str | None, state_dir: pathlib.Path, timeout: float, **kwargs: Any) -> Any:
-        address = resolve_registry(registry, state_dir)
-        with RegistryClient(address, timeout) as client, _rpc_errors(address):
-            return command(*args, client=client, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-@contextmanager
-def _rpc_errors(address: str) -> Iterator[None]:
-    try:
-        yield
-    except grpc.RpcError as exc:
-        raise rpc_error(exc, address) from None
+    )(command)  # fmt: skip
+    command = click.option(
+        "--state-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
+        default=DEFAULT_STATE_DIR, show_default=True, help="State dir of `aimaas up` (to find the services).",
+    )(command)  # fmt: skip
+    command = click.option(
+        "--registry", metavar="HOST:PORT",
+        help="Call this registry directly instead of going through the gateway.",
+    )(command)  # fmt: skip
+    return gateway_option(command)
 
 
 def _consoles() -> tuple[Console, Console]:
@@ -133,7 +116,7 @@ def push(
     labels: tuple[str, ...],
     format_: str,
     as_json: bool,
-    client: RegistryClient,
+    client: ModelService, target: Target,
 ) -> None:
     """Upload the artifact at PATH as a new version of a model."""
     out, err = _consoles()
@@ -142,30 +125,16 @@ def push(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()
     )
     with Progress(*columns, console=err, transient=False) as progress:
-        # Hash locally first: the registry verifies the bytes it receives against this digest.
-        hashing = progress.add_task("sha256 ", total=size)
-        sha256, size = file_digest(path, lambda n: progress.advance(hashing, n))
-        metadata = pb.UploadVersionMetadata(
-            model=model,
-            create_model=True,
-            expected_sha256=sha256,
-            expected_size_bytes=size,
-            format=FORMATS[format_],
-            description=description,
-            labels=parse_labels(labels),
-            aliases=list(aliases),
-        )
-        uploading = progress.add_task("upload ", total=size)
-        response = client.upload_version(
-            path,
-            metadata,
-            on_progress=lambda n: progress.advance(uploading, n),
-            timeout=upload_deadline(size, client.timeout),
-        )
+        # The SDK hashes first (the registry verifies the bytes against the digest), then streams.
+        uploading = progress.add_task(f"push {path.name}", total=size)
+        pushed = client.push(
+            path, model, aliases=aliases, description=description, labels=parse_labels(labels),
+            format=FORMATS[format_], progress=lambda sent, _total: progress.update(uploading, completed=sent),
+        )  # fmt: skip
     if as_json:
-        _print_json(_to_dict(response))
+        _print_json({"version": _to_dict(pushed.raw), "deduplicated": pushed.deduplicated})
         return
-    version = response.version
+    version = pushed.raw
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column(overflow="fold")
@@ -178,7 +147,7 @@ def push(
         table.add_row("aliases", ", ".join(aliases))
     table.add_row("inputs", escape(tensor_specs(version.signature.inputs)) or "-")
     table.add_row("outputs", escape(tensor_specs(version.signature.outputs)) or "-")
-    if response.deduplicated:
+    if pushed.deduplicated:
         table.add_row("note", "identical bytes were already stored; no new blob was written")
     out.print(f"pushed {version.model} version {version.version}")
     out.print(table)
@@ -187,7 +156,7 @@ def push(
 @models.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the models as JSON.")
 @registry_options
-def list_models(as_json: bool, client: RegistryClient) -> None:
+def list_models(as_json: bool, client: ModelService, target: Target) -> None:
     """List the models in the registry."""
     out, _ = _consoles()
     found = client.list_models()
@@ -218,7 +187,7 @@ def list_models(as_json: bool, client: RegistryClient) -> None:
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the model, aliases and versions as JSON.")
 @registry_options
-def show(name: str, as_json: bool, client: RegistryClient) -> None:
+def show(name: str, as_json: bool, client: ModelService, target: Target) -> None:
     """Show a model with its aliases and versions."""
     out, _ = _consoles()
     found = client.get_model(name)

@@ -33,6 +33,29 @@ DEFAULT_PORTS: Mapping[str, Mapping[str, int]] = MappingProxyType(
 # (process, kind) -> port
 PortOverrides = Mapping[tuple[str, str], int]
 
+# Extra inference nodes of `aimaas up --inference-nodes N` are processes inference-2, inference-3, ...
+# on the next ports after the first node (8303/8304, 8305/8306, ...).
+_NODE_PORT_STEP = 2
+MAX_INFERENCE_NODES = 40
+
+
+def inference_node_names(count: int) -> list[str]:
+    return ["inference"] + [f"inference-{index}" for index in range(2, count + 1)]
+
+
+def base_service(name: str) -> str:
+    """The service a process runs: inference-2 -> inference."""
+    base, sep, index = name.rpartition("-")
+    return base if sep and index.isdigit() and base in DEFAULT_PORTS else name
+
+
+def default_ports(name: str) -> Mapping[str, int]:
+    base = base_service(name)
+    if base == name:
+        return DEFAULT_PORTS[name]
+    shift = (int(name.rpartition("-")[2]) - 1) * _NODE_PORT_STEP
+    return {kind: port + shift for kind, port in DEFAULT_PORTS[base].items()}
+
 
 def port_env_var(service: str, kind: str) -> str:
     """Settings variable a service reads this port from, e.g. AIMAAS_REGISTRY__GRPC_PORT."""
@@ -51,7 +74,7 @@ def plan_ports(
     owners: dict[int, str] = {}
     for name in names:
         plan[name] = {}
-        for kind, default in DEFAULT_PORTS[name].items():
+        for kind, default in default_ports(name).items():
             port = overrides.get((name, kind), default + offset)
             if not 0 < port < 65536:
                 raise ValueError(f"port of {name} {kind} would be {port}, outside 1..65535 (check the offset)")

@@ -69,6 +69,8 @@ class MeshState:
     processes: list[ProcessRecord] = field(default_factory=list)
     created: str = ""
     version: int = STATE_VERSION
+    # The gateway checks API keys (`aimaas up --auth`); the bootstrap admin token is in ADMIN_TOKEN_FILE.
+    auth: bool = False
 
     def find(self, name: str) -> ProcessRecord | None:
         return next((record for record in self.processes if record.name == name), None)
@@ -86,6 +88,30 @@ class MeshState:
             raise StateError(f"unsupported state version {data.get('version')!r}")
         processes = [ProcessRecord(**record) for record in data.pop("processes", [])]
         return cls(processes=processes, **data)
+
+
+ADMIN_TOKEN_FILE = "admin-token"
+
+
+def admin_token_path(state_dir: pathlib.Path) -> pathlib.Path:
+    return state_dir / ADMIN_TOKEN_FILE
+
+
+def write_admin_token(state_dir: pathlib.Path, token: str) -> None:
+    """Owner-only from the first byte: the token has admin rights."""
+    path = admin_token_path(state_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as stream:
+        stream.write(token + "\n")
+
+
+def read_admin_token(state_dir: pathlib.Path) -> str | None:
+    try:
+        return admin_token_path(state_dir).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def state_path(state_dir: pathlib.Path) -> pathlib.Path:

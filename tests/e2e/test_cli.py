@@ -25,7 +25,7 @@ import psutil
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from aimaas.cli.ports import DEFAULT_PORTS, port_is_free
+from aimaas.cli.ports import DEFAULT_PORTS, default_ports, port_is_free
 
 needs_etcd = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd not installed (apt-get install etcd-server)")
 
@@ -57,6 +57,8 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
 def free_port_offset() -> int:
     """An offset at which every port of the mesh table is free right now."""
     ports = [port for table in DEFAULT_PORTS.values() for port in table.values()]
+    # A second inference node (`--inference-nodes 2`) takes the next ports.
+    ports += [port for port in default_ports("inference-2").values()]
     for _ in range(100):
         offset = random.randint(*_OFFSET_RANGE)
         if all(port_is_free(port + offset) for port in ports):
@@ -86,9 +88,9 @@ class Mesh:
         return next(entry for entry in self.status()["processes"] if entry["name"] == name)
 
 
-def start_mesh(state_dir: pathlib.Path) -> Mesh:
+def start_mesh(state_dir: pathlib.Path, *extra: str) -> Mesh:
     offset = free_port_offset()
-    ok(run_cli("up", "--state-dir", state_dir, "--base-port-offset", offset, "--timeout", 45))
+    ok(run_cli("up", "--state-dir", state_dir, "--base-port-offset", offset, "--timeout", 45, *extra))
     return Mesh(state_dir, offset)
 
 

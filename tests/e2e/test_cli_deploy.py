@@ -1,9 +1,10 @@
-"""`aimaas deploy` and `aimaas predict` end to end: a real mesh (etcd, registry, scheduler, inference node)."""
+"""`aimaas deploy` and `aimaas predict` end to end on a real mesh without a gateway (etcd, registry,
+monitor, scheduler, inference node): the CLI calls the scheduler directly and predicts on a READY
+replica. The same commands through the gateway: tests/e2e/test_gateway_e2e.py."""
 
 from __future__ import annotations
 
 import json
-import pathlib
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +17,7 @@ pytestmark = needs_etcd
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    running = start_mesh(tmp_path_factory.mktemp("deploy-mesh"))
+    running = start_mesh(tmp_path_factory.mktemp("deploy-mesh"), "--without", "gateway")
     try:
         yield running
     finally:
@@ -44,6 +45,7 @@ def test_deploy_waits_ready_then_predict(mesh: Mesh, pushed_mlp: str) -> None:
 
     result = json.loads(ok(mesh.cli("predict", pushed_mlp, "--random", "--batch", "2", "--json")).stdout)
     assert result["model_name"] == "mlp"
+    assert result["node"] == mesh.process("inference")["endpoints"]["grpc"]  # no gateway: the replica itself
     [output] = result["outputs"]
     assert output["name"] == "y" and output["datatype"] == "FP32"
     assert output["shape"] == [2, 3]
@@ -58,6 +60,15 @@ def test_deploy_unknown_model_is_not_found(mesh: Mesh) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("error: NOT_FOUND: "), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_predict_bad_input_is_a_clean_error(mesh: Mesh, pushed_mlp: str) -> None:
+    ok(mesh.cli("deploy", pushed_mlp, "--min", "1"))
+    result = mesh.cli("predict", pushed_mlp, "--input", "x=[[1, 2]]")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: INVALID_ARGUMENT: input 'x' has shape [1, 2]"), result.stderr
+    keys = mesh.cli("keys", "list")
+    assert keys.returncode == 1 and "has none" in keys.stderr
 
 
 def test_deploy_unknown_version_is_not_found(mesh: Mesh, pushed_mlp: str) -> None:
