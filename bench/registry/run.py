@@ -171,7 +171,6 @@ async def bench_backend(name: str, settings: ObjectStoreSettings, etcd: EtcdProc
 
 def _unique_model(size: int, salt: int) -> bytes:
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     columns = 256

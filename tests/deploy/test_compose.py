@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 import yaml
 
 from tests.support.registry import registry_settings, running_registry

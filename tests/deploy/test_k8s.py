@@ -247,7 +247,7 @@ def test_secrets_exist_in_dev_and_are_operator_provided_in_production(check, ren
         else:
             assert secrets == {}, "production must not carry secret values"
             for name, keys in referenced.items():
-                assert f"kubectl -n aimaas create secret" in readme and name in readme, f"README does not say how to create {name}"
+                assert "kubectl -n aimaas create secret" in readme and name in readme, f"README does not say how to create {name}"
                 for key in keys:
                     assert key in readme, f"README does not name key {key} of {name}"
 
