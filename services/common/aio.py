@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import random
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 _END = object()
 
@@ -44,6 +45,46 @@ async def prefetch(source: AsyncIterable[T], depth: int) -> AsyncIterator[T]:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await reader
+
+
+async def completion_order(requests: AsyncIterable[T], handle: Callable[[T], Awaitable[R]]) -> AsyncIterator[R]:
+    """Run `handle` on every item of a request stream concurrently and yield each result as soon as
+    it is ready (completion order, not arrival order); once the stream ends, wait for the rest.
+
+    For bidirectional streams whose requests are independent (Open Inference Protocol streaming:
+    responses are matched by id, and concurrent requests can share a batch). An exception of
+    `handle` or of the stream ends the iteration with it; closing the consumer cancels everything.
+    """
+    results: asyncio.Queue[object] = asyncio.Queue()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(request: T) -> None:
+        try:
+            await results.put(await handle(request))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await results.put(exc)
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                task = asyncio.create_task(run(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.wait(set(tasks))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await results.put(exc)
+        await results.put(_END)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (item := await results.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        for task in (reader, *tasks):
+            task.cancel()
 
 
 class Backoff:

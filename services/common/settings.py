@@ -20,6 +20,26 @@ ENV_PREFIX = "AIMAAS_"
 SettingsT = TypeVar("SettingsT", bound="CommonSettings")
 
 
+def check_address(value: str, what: str) -> str:
+    """`value` stripped, or ValueError unless it is host:port with a port in 1..65535."""
+    value = value.strip()
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{what} {value!r} must be host:port")
+    return value
+
+
+def check_address_list(value: str, what: str) -> str:
+    """A comma-separated list of host:port (e.g. every monitor replica), normalized; empty allowed."""
+    addresses: list[str] = []
+    for part in value.split(","):
+        if part.strip():
+            address = check_address(part, what)
+            if address not in addresses:
+                addresses.append(address)
+    return ",".join(addresses)
+
+
 class EtcdSettings(BaseModel):
     # Comma-separated host:port list; the first reachable one is used.
     endpoints: str = "127.0.0.1:2379"

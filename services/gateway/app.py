@@ -35,6 +35,7 @@ from services.common.auth import register as register_auth
 from services.common.etcd import EtcdClient, EtcdError
 from services.common.grpc_server import GrpcService, reflection_pool_of, serve_until_signal
 from services.common.logs import configure_logging
+from services.common.monitor_client import monitor_channel
 from services.common.metrics import Metrics, MetricsEndpoint
 from services.common.settings import load_settings
 from services.common.tracing import Telemetry, setup_telemetry
@@ -84,8 +85,9 @@ class GatewayApp:
         ]
         self.registry_channel = grpc.aio.insecure_channel(config.registry_address, options=options, interceptors=interceptors)
         self.scheduler_channel = grpc.aio.insecure_channel(config.scheduler_address, options=options, interceptors=interceptors)
+        # Queries and pass-through calls go to one monitor replica that answers; reports to each.
         self.monitor_channel = (
-            grpc.aio.insecure_channel(config.monitor_address, options=options, interceptors=interceptors)
+            monitor_channel(config.monitor_address, options=options, interceptors=interceptors)
             if config.monitor_address
             else None
         )
@@ -101,7 +103,7 @@ class GatewayApp:
         )
         self.stats = GatewayStats(
             self.metrics,
-            self.monitor,
+            config.monitor_address,
             reporter_id=f"gateway-{socket.gethostname()}-{config.grpc_port}",
             interval_seconds=config.stats_interval_seconds,
             logger=self.log,

@@ -23,6 +23,7 @@ from aimaas.registry.v1 import registry_pb2
 from aimaas.scheduler.v1 import scheduler_pb2
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc
+from services.common.aio import completion_order
 from services.common.auth import Permission, current_principal
 from services.common.errors import FailedPrecondition, NotFound, ResourceExhausted, grpc_status_for
 from services.gateway.dataplane import GatewayDataPlane
@@ -195,51 +196,31 @@ class GatewayInferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServ
         # As on a node: requests of one stream run concurrently, each answered when done (matched by
         # id); errors travel in-band and the stream stays open.
         principal = current_principal()
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
         sticky = _metadata_value(context, self._sticky_header)
         metadata = forwarded_metadata(context)
 
-        async def run(request: pb.ModelInferRequest) -> None:
-            name, version, request_id = request.model_name, request.model_version, request.id
+        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
                 with self.limit.hold(principal.key_id):
                     result = await self._dp.model_infer(
                         request, principal=principal, timeout=context.time_remaining(), sticky_key=sticky, metadata=metadata
                     )
-                await responses.put(pb.ModelStreamInferResponse(infer_response=result))
+                return pb.ModelStreamInferResponse(infer_response=result)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - in-band error, the stream stays open
                 code, message = _status_of(exc)
                 if code is grpc.StatusCode.INTERNAL:
-                    self._log.exception("stream inference failed unexpectedly", model=name)
-                await responses.put(
-                    pb.ModelStreamInferResponse(
-                        error_message=message,
-                        infer_response=pb.ModelInferResponse(model_name=name, model_version=version, id=request_id),
-                    )
+                    self._log.exception("stream inference failed unexpectedly", model=request.model_name)
+                return pb.ModelStreamInferResponse(
+                    error_message=message,
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version, id=request.id
+                    ),
                 )
 
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    task = asyncio.create_task(run(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.wait(set(tasks))
-            finally:
-                await responses.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (response := await responses.get()) is not None:
-                yield response
-            await reader
-        finally:
-            for task in (reader, *tasks):
-                task.cancel()
+        async for response in completion_order(request_iterator, answer):
+            yield response
 
     @staticmethod
     async def _call(context: grpc.aio.ServicerContext, work):

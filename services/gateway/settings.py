@@ -9,17 +9,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from services.common.auth.settings import AuthSettings
-from services.common.settings import CommonSettings, ServerSettings
-
-
-def _check_address(value: str, what: str, *, required: bool) -> str:
-    value = value.strip()
-    if not value and not required:
-        return value
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"{what} {value!r} must be host:port")
-    return value
+from services.common.settings import CommonSettings, ServerSettings, check_address, check_address_list
 
 
 class LimitSettings(BaseModel):
@@ -50,7 +40,8 @@ class GatewayServerSettings(ServerSettings):
     # Upstream control-plane services (their gRPC APIs are passed through unchanged).
     registry_address: str = "127.0.0.1:8101"
     scheduler_address: str = "127.0.0.1:8201"
-    # Empty: no monitor (metrics endpoints answer UNAVAILABLE, no stats are reported).
+    # Monitor replicas (host:port, comma-separated): statistics go to each, queries to one that
+    # answers. Empty: no monitor (metrics endpoints answer UNAVAILABLE, no stats are reported).
     monitor_address: str = ""
 
     # -- routing ---------------------------------------------------------------------------------
@@ -83,12 +74,12 @@ class GatewayServerSettings(ServerSettings):
     @field_validator("registry_address", "scheduler_address")
     @classmethod
     def _check_required(cls, value: str) -> str:
-        return _check_address(value, "address", required=True)
+        return check_address(value, "address")
 
     @field_validator("monitor_address")
     @classmethod
     def _check_optional(cls, value: str) -> str:
-        return _check_address(value, "monitor address", required=False)
+        return check_address_list(value, "monitor address")
 
     @field_validator("sticky_header")
     @classmethod

@@ -1,9 +1,10 @@
 """Per-deployment request statistics of the gateway: Prometheus metrics, and (with a monitor
 configured) one `ReportStats` report per interval (`REPORTER_KIND_GATEWAY`, a StatsDelta per
-deployment version: successes, failures by status code, end-to-end latency sketch, in flight).
+deployment version: successes, failures by status code, end-to-end latency sketch).
 
-Requests only update plain numbers; a background task sends. A report the monitor does not take
-is dropped (the monitor sums deltas: a gap is better than a duplicate), one WARNING per outage.
+Requests only update plain numbers; a background task closes the windows every interval and hands
+the report to every monitor replica (services.common.monitor_client.ReportFanOut: bounded buffer,
+reconnect with backoff, one WARNING per outage), as inference nodes do.
 """
 
 from __future__ import annotations
@@ -13,16 +14,18 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 
-import grpc
 import structlog
 from prometheus_client import Counter, Histogram
 
 from aimaas.monitor.v1 import monitor_pb2 as mpb
-from aimaas.monitor.v1 import monitor_pb2_grpc as mpb_grpc
 from services.common.metrics import Metrics
+from services.common.monitor_client import (
+    MIN_WRITE_TIMEOUT_SECONDS,
+    DeliverySettings,
+    ReportFanOut,
+    monitor_addresses,
+)
 from services.common.sketch import LatencySketch
-
-_SEND_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass
@@ -37,19 +40,28 @@ class GatewayStats:
     def __init__(
         self,
         metrics: Metrics,
-        monitor: mpb_grpc.MonitorServiceStub | None,
+        monitor_address: str,
         *,
         reporter_id: str,
         interval_seconds: float,
         logger: structlog.stdlib.BoundLogger,
     ) -> None:
-        self._monitor = monitor
+        """`monitor_address`: the monitor replicas (comma-separated); empty: Prometheus metrics only."""
+        addresses = monitor_addresses(monitor_address)
+        self.reports = (
+            ReportFanOut(
+                addresses,
+                DeliverySettings(write_timeout_seconds=max(MIN_WRITE_TIMEOUT_SECONDS, 2 * interval_seconds)),
+                logger=logger.bind(component="gateway-stats"),
+            )
+            if addresses
+            else None
+        )
         self._reporter_id = reporter_id
         self._interval = interval_seconds
         self._log = logger
         self._windows: dict[tuple[str, int], _Window] = {}
         self._task: asyncio.Task[None] | None = None
-        self._failing = False
         self.requests = Counter(
             "aimaas_gateway_requests_total", "Inference requests routed, by deployment, version and status code",
             ["deployment", "version", "code"], registry=metrics.registry,
@@ -74,7 +86,7 @@ class GatewayStats:
     def success(self, deployment: str, version: int, seconds: float) -> None:
         self.requests.labels(deployment, str(version), "OK").inc()
         self.seconds.labels(deployment).observe(seconds)
-        if self._monitor is not None:
+        if self.reports is not None:
             window = self._window(deployment, version)
             window.success += 1
             window.latency.add(seconds * 1e6)
@@ -85,7 +97,7 @@ class GatewayStats:
     def failure(self, deployment: str, version: int, code: str, seconds: float) -> None:
         self.requests.labels(deployment, str(version), code).inc()
         self.seconds.labels(deployment).observe(seconds)
-        if self._monitor is not None:
+        if self.reports is not None:
             failures = self._window(deployment, version).failures
             failures[code] = failures.get(code, 0) + 1
 
@@ -105,42 +117,34 @@ class GatewayStats:
         return deltas
 
     def start(self) -> None:
-        if self._monitor is not None:
+        if self.reports is not None:
+            self.reports.start()
             self._task = asyncio.create_task(self._run(), name="gateway-stats-reporter")
 
     async def stop(self) -> None:
-        if self._task is None:
+        """Report the last interval, flush it (bounded), close the streams."""
+        if self._task is None or self.reports is None:
             return
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.send(), 1.0)  # the last interval
+        self.report()
+        await self.reports.close()
 
-    async def send(self) -> int:
+    def report(self) -> int:
+        """Close the windows and queue one report for every monitor replica; the number of deltas."""
         deltas = self.take()
-        if not deltas or self._monitor is None:
-            return 0
-        request = mpb.ReportStatsRequest(
-            reporter_kind=mpb.REPORTER_KIND_GATEWAY, reporter_id=self._reporter_id, deltas=deltas
-        )
-        try:
-            response = await self._monitor.ReportStats(iter([request]), timeout=_SEND_TIMEOUT_SECONDS)
-        except grpc.aio.AioRpcError as exc:
-            if not self._failing:
-                self._log.warning("monitor unreachable; dropping gateway statistics", error=exc.details())
-            self._failing = True
-            return 0
-        if self._failing:
-            self._log.info("monitor reachable again")
-        self._failing = False
-        return response.accepted_deltas
+        if deltas and self.reports is not None:
+            self.reports.enqueue(
+                mpb.ReportStatsRequest(reporter_kind=mpb.REPORTER_KIND_GATEWAY, reporter_id=self._reporter_id, deltas=deltas)
+            )
+        return len(deltas)
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
             try:
-                await self.send()
+                self.report()
             except Exception:  # noqa: BLE001 - statistics never take serving down
-                self._log.exception("sending gateway statistics failed")
+                self._log.exception("reporting gateway statistics failed")

@@ -15,6 +15,7 @@ import structlog
 
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc
+from services.common.aio import completion_order
 from services.common.errors import FailedPrecondition, InvalidArgument, grpc_status_for
 from services.inference.dataplane import DataPlane, ModelState
 from services.inference.repository import ModelRepository
@@ -76,48 +77,26 @@ class InferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Requests of one stream run concurrently (so they can share batches); each response goes
         # out when ready, matched to its request by id, as in Triton.
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
         deadline = self._deadline(context)
 
-        async def run(request: pb.ModelInferRequest) -> None:
+        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                result = await self._data_plane.infer(request, deadline=deadline)
-                await responses.put(pb.ModelStreamInferResponse(infer_response=result))
+                return pb.ModelStreamInferResponse(infer_response=await self._data_plane.infer(request, deadline=deadline))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - in-band error, the stream stays open
                 code, message = grpc_status_for(exc)
                 if code is grpc.StatusCode.INTERNAL:
                     self._log.exception("stream inference failed unexpectedly", model=request.model_name)
-                await responses.put(
-                    pb.ModelStreamInferResponse(
-                        error_message=message,
-                        infer_response=pb.ModelInferResponse(
-                            model_name=request.model_name, model_version=request.model_version, id=request.id
-                        ),
-                    )
+                return pb.ModelStreamInferResponse(
+                    error_message=message,
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version, id=request.id
+                    ),
                 )
 
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    task = asyncio.create_task(run(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.wait(set(tasks))
-            finally:
-                await responses.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (response := await responses.get()) is not None:
-                yield response
-            await reader
-        finally:
-            for task in (reader, *tasks):
-                task.cancel()
+        async for response in completion_order(request_iterator, answer):
+            yield response
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=self._data_plane.config(request.name, request.version))

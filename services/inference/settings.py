@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, field_validator
 
-from services.common.settings import CommonSettings, ServerSettings
+from services.common.settings import CommonSettings, ServerSettings, check_address_list
 
 
 class BatchingDefaults(BaseModel):
@@ -55,7 +55,8 @@ class InferenceServerSettings(ServerSettings):
     batching: BatchingDefaults = BatchingDefaults()
     # Unload waits at most this long for in-flight requests of the model.
     unload_drain_seconds: Annotated[float, Field(ge=0)] = 30.0
-    # Monitor address (host:port) to stream statistics to; empty disables streaming.
+    # Monitor replicas (host:port, comma-separated) to stream statistics to, each gets every report;
+    # empty disables streaming.
     monitor_address: str = ""
     # One report (a delta per loaded model version, plus host resources) per interval.
     stats_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
@@ -70,12 +71,7 @@ class InferenceServerSettings(ServerSettings):
     @field_validator("monitor_address")
     @classmethod
     def _check_monitor_address(cls, value: str) -> str:
-        value = value.strip()
-        if value:
-            host, sep, port = value.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-                raise ValueError(f"monitor address {value!r} must be host:port")
-        return value
+        return check_address_list(value, "monitor address")
 
 
 class InferenceSettings(CommonSettings):

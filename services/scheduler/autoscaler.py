@@ -194,7 +194,10 @@ class MonitorSignalSource:
     def __init__(self, address: str, *, max_age_seconds: float = 30.0, timeout_seconds: float = 1.0) -> None:
         from aimaas.monitor.v1 import monitor_pb2_grpc
 
-        self._channel = grpc.aio.insecure_channel(address)
+        from services.common.monitor_client import monitor_channel
+
+        # Any replica answers the same (each gets every report): fail over between them.
+        self._channel = monitor_channel(address)
         self._stub = monitor_pb2_grpc.MonitorServiceStub(self._channel)
         self._max_age = max_age_seconds
         self._timeout = timeout_seconds

@@ -37,6 +37,7 @@ import grpc
 from aimaas.monitor.v1 import monitor_pb2 as mpb
 from aimaas.monitor.v1 import monitor_pb2_grpc
 from aimaas.scheduler.v1 import scheduler_pb2 as spb
+from services.common.monitor_client import monitor_channel
 
 COND_CANARY = "Canary"
 
@@ -147,7 +148,7 @@ class MonitorCanaryMetrics:
     step still counts at the next)."""
 
     def __init__(self, address: str, *, timeout_seconds: float = 1.0, clock=time.time) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = monitor_channel(address)  # any replica answers the same: fail over between them
         self._stub = monitor_pb2_grpc.MonitorServiceStub(self._channel)
         self._timeout = timeout_seconds
         self._clock = clock

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from services.common.settings import CommonSettings, ServerSettings
+from services.common.settings import CommonSettings, ServerSettings, check_address_list
 
 
 class SchedulerServerSettings(ServerSettings):
@@ -37,7 +37,8 @@ class SchedulerServerSettings(ServerSettings):
 
     # -- autoscaling -----------------------------------------------------------------------------
     autoscale_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
-    # Monitor address (host:port) serving GetLoadSignal; empty: node-reported statistics only.
+    # Monitor replicas (host:port, comma-separated; any one that answers serves GetLoadSignal and
+    # QueryMetrics); empty: node-reported statistics only.
     monitor_address: str = ""
     # Fall back to the nodes' own ModelStatistics when the monitor has no (fresh) signal.
     node_stats_fallback: bool = True
@@ -60,6 +61,11 @@ class SchedulerServerSettings(ServerSettings):
     canary_min_requests: Annotated[int, Field(ge=1)] = 20
     # ...for at most this long beyond step_seconds, then the canary is rolled back.
     canary_max_hold_seconds: Annotated[float, Field(ge=0)] = 300.0
+
+    @field_validator("monitor_address")
+    @classmethod
+    def _check_monitor_address(cls, value: str) -> str:
+        return check_address_list(value, "monitor address")
 
 
 class SchedulerSettings(CommonSettings):

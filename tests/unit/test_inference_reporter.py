@@ -143,8 +143,8 @@ async def test_report_buffer_drops_the_oldest_and_warns_once():
         for _ in range(7):
             await reporter.collect()
     assert reporter.pending == 3 and reporter.reports_dropped == 4
-    assert [r.deltas[0].success_count for r in reporter._buffer] == [4, 5, 6]
-    first = reporter._buffer[0]
+    assert [r.deltas[0].success_count for r in reporter.destinations[0].buffer] == [4, 5, 6]
+    first = reporter.destinations[0].buffer[0]
     assert first.reporter_kind == mpb.REPORTER_KIND_INFERENCE_NODE and first.reporter_id == "node-a"
     assert first.resources.memory_total_bytes > 0
     dropping = [e for e in logs if e["log_level"] == "warning"]
