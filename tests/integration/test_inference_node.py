@@ -469,8 +469,13 @@ async def test_changed_assignment_reloads_while_serving_and_a_rewrite_retries_a_
         await eventually(lambda: data_plane.config("mlp", "1").max_batch_size == 8, what="reload")
         config = data_plane.config("mlp", "1")
         assert config.dynamic_batching.max_queue_delay_microseconds == 100
-        status = await wait_state(etcd, "mlp", 1, READY)
-        assert status.updated != first.updated and status.reason == ""
+        # The new instance serves a moment before its READY is written: wait for the re-published status.
+        async def republished() -> spb.ReplicaStatus | None:
+            status = await read_status(etcd, "mlp", 1)
+            return status if status is not None and status.state == READY and status.updated != first.updated else None
+
+        status = await eventually(republished, what="READY re-published after the reload")
+        assert status.reason == ""
         stop.set()
         await caller
         assert failures == []
