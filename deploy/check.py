@@ -9,7 +9,9 @@ No cluster, Docker engine or network is needed: overlays are rendered with `kube
 the Kubernetes JSON schemas bundled with `kubernetes-validate`, the Compose file against the vendored
 Compose specification schema (deploy/compose/schema/), and the `AIMAAS_*` variables of every
 container are fed to the real settings classes of its service (services/<name>/settings.py), so an
-unknown, misspelt or invalid variable is found before a rollout. tests/deploy runs the same functions.
+unknown, misspelt or invalid variable is found before a rollout. Every `*_MONITOR_ADDRESS` must list
+exactly the monitor StatefulSet's replicas by their stable names (each replica needs every report).
+tests/deploy runs the same functions.
 """
 
 from __future__ import annotations
@@ -258,10 +260,11 @@ _PLACEHOLDERS = {"status.podIP": "10.0.0.1", "metadata.name": "pod-0", "metadata
 
 
 def container_env(objects: list[dict[str, Any]], workload: dict[str, Any], container: dict[str, Any],
-                  files_dir: pathlib.Path) -> dict[str, str]:
+                  files_dir: pathlib.Path, fields: dict[str, str] | None = None) -> dict[str, str]:
     """The environment Kubernetes would give the container: envFrom, env, $(VAR) expansion. Values
     from Secrets missing in the render (created by the operator) become a 40-character placeholder;
-    files under mounted Secret/ConfigMap volumes are created in `files_dir`."""
+    files under mounted Secret/ConfigMap volumes are created in `files_dir`. Downward-API fields are
+    placeholders unless `fields` gives them (e.g. {"metadata.name": "aimaas-monitor-1"} for one pod)."""
     import base64
 
     by_name = {(o["kind"], o["metadata"]["name"]): o for o in objects}
@@ -287,7 +290,7 @@ def container_env(objects: list[dict[str, Any]], workload: dict[str, Any], conta
             continue
         ref = item.get("valueFrom", {})
         if "fieldRef" in ref:
-            env[item["name"]] = _PLACEHOLDERS.get(ref["fieldRef"]["fieldPath"], "x")
+            env[item["name"]] = (_PLACEHOLDERS | (fields or {})).get(ref["fieldRef"]["fieldPath"], "x")
         elif "secretKeyRef" in ref:
             values = source("Secret", ref["secretKeyRef"]["name"])
             env[item["name"]] = values.get(ref["secretKeyRef"]["key"], "operator-provided-secret-value-0123456789")
@@ -319,6 +322,77 @@ def check_k8s_settings(objects: list[dict[str, Any]]) -> list[str]:
             env = container_env(objects, workload, container, pathlib.Path(files))
             aimaas = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
             problems += check_service_env(f"{workload['kind']}/{workload['metadata']['name']}", service, aimaas)
+    return problems
+
+
+MONITOR_ADDRESS = re.compile(rf"{ENV_PREFIX}[A-Z]+__MONITOR_ADDRESS")
+
+
+def monitor_replica_addresses(objects: list[dict[str, Any]]) -> tuple[set[str] | None, list[str]]:
+    """The stable address of every monitor replica, `<statefulset>-<i>.<headless service>:<grpc port>`
+    for i < replicas, and the problems of the monitor workload itself: it must be a StatefulSet (or a
+    single-replica Deployment, whose Service is then its one address) with a headless Service that
+    publishes not-ready pods, and each pod must advertise its own stable name. (None, []) without a
+    monitor."""
+    monitors = [(w, c) for w, c in workloads(objects) if service_of_command(c.get("command")) == "monitor"]
+    if not monitors:
+        return None, []
+    if len(monitors) > 1:
+        return None, [f"monitor runs in {len(monitors)} workloads; reporters can list only one set of replicas"]
+    workload, container = monitors[0]
+    where = f"{workload['kind']}/{workload['metadata']['name']}"
+    name, replicas = workload["metadata"]["name"], workload["spec"].get("replicas", 1)
+    grpc = next((p["containerPort"] for p in container.get("ports", []) if p.get("name") == "grpc"), None)
+    if grpc is None:
+        return None, [f"{where}: no container port named grpc"]
+    if workload["kind"] == "Deployment":
+        if replicas != 1:
+            return None, [f"{where}: {replicas} replicas behind one Service each see part of the reports; "
+                          "run the monitor as a StatefulSet and list every replica"]
+        return None, []
+    if workload["kind"] != "StatefulSet":
+        return None, [f"{where}: the monitor must be a StatefulSet (stable per-replica names)"]
+    problems = []
+    headless = workload["spec"].get("serviceName")
+    service = next((o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == headless), None)
+    if service is None:
+        problems.append(f"{where}: serviceName {headless!r} is not a Service of the render")
+    elif service["spec"].get("clusterIP") != "None" or not service["spec"].get("publishNotReadyAddresses"):
+        problems.append(f"Service/{headless}: must be headless (clusterIP: None) with publishNotReadyAddresses: true")
+    expected = {f"{name}-{i}.{headless}:{grpc}" for i in range(replicas)}
+    with tempfile.TemporaryDirectory() as files:
+        for i in range(replicas):
+            pod = f"{name}-{i}"
+            env = container_env(objects, workload, container, pathlib.Path(files), {"metadata.name": pod})
+            advertised = env.get(f"{ENV_PREFIX}MONITOR__ADVERTISE_ADDRESS", "")
+            if advertised != f"{pod}.{headless}:{grpc}":
+                problems.append(f"{where}: pod {pod} advertises {advertised!r}, not its stable name {pod}.{headless}:{grpc}")
+    return expected, problems
+
+
+def check_k8s_monitor_addresses(objects: list[dict[str, Any]]) -> list[str]:
+    """Every `AIMAAS_*__MONITOR_ADDRESS` (reporters send each report to each listed replica, queriers fail
+    over along the list) names exactly the monitor's replicas, so no replica misses reports."""
+    expected, problems = monitor_replica_addresses(objects)
+    if expected is None:  # no monitor, or one replica behind its Service: any address of it will do
+        return problems
+    with tempfile.TemporaryDirectory() as files:
+        for workload, container in workloads(objects):
+            service = service_of_command(container.get("command"))
+            if service is None or service == "monitor":
+                continue
+            where = f"{workload['kind']}/{workload['metadata']['name']}"
+            env = container_env(objects, workload, container, pathlib.Path(files))
+            known = {s.env for s in settings_variables(service_settings()[service])}
+            for variable in sorted(v for v in known if MONITOR_ADDRESS.fullmatch(v)):
+                listed = {a.strip() for a in env.get(variable, "").split(",") if a.strip()}
+                if not listed:
+                    problems.append(f"{where}: {variable} is not set; the monitor has replicas {sorted(expected)}")
+                    continue
+                if missing := expected - listed:
+                    problems.append(f"{where}: {variable} misses monitor replica(s) {sorted(missing)}")
+                if unknown := listed - expected:
+                    problems.append(f"{where}: {variable} lists {sorted(unknown)}, not monitor replicas {sorted(expected)}")
     return problems
 
 
@@ -413,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     for overlay in OVERLAYS:
         objects = render(K8S / "overlays" / overlay)
-        found = validate_k8s(objects) + check_k8s_settings(objects)
+        found = validate_k8s(objects) + check_k8s_settings(objects) + check_k8s_monitor_addresses(objects)
         problems += [f"k8s {overlay}: {p}" for p in found]
         print(f"k8s overlay {overlay}: {len(objects)} objects, {len(found)} problem(s)")
     compose = load_compose()

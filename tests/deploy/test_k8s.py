@@ -168,13 +168,14 @@ def test_services_pdbs_and_hpas_point_at_real_pods(rendered, overlay):
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in container_ports, (service["metadata"]["name"], port)
     deployments = {d["metadata"]["name"] for d in by_kind(objects, "Deployment")}
+    stateful_sets = {s["metadata"]["name"] for s in by_kind(objects, "StatefulSet")}
     for pdb in by_kind(objects, "PodDisruptionBudget"):
         assert any(selects(pdb["spec"]["selector"], t["metadata"]["labels"]) for _, t in templates), pdb["metadata"]["name"]
     covered = {
         w["metadata"]["name"] for w, t in templates
         if any(selects(p["spec"]["selector"], t["metadata"]["labels"]) for p in by_kind(objects, "PodDisruptionBudget"))
     }
-    assert deployments <= covered, f"no PodDisruptionBudget for {deployments - covered}"
+    assert deployments | stateful_sets <= covered, f"no PodDisruptionBudget for {(deployments | stateful_sets) - covered}"
     hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in by_kind(objects, "HorizontalPodAutoscaler")}
     assert set(hpas) == {"aimaas-gateway", "aimaas-inference"}
     for name, hpa in hpas.items():
@@ -206,12 +207,88 @@ def test_network_policies_deny_by_default_and_admit_each_pod_somewhere(rendered,
     assert all(port["port"] == 8403 for rule in monitor_open for port in rule["ports"])
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_monitor_address_lists_every_monitor_replica(check, rendered, overlay, tmp_path):
+    """The monitor is a StatefulSet of >= 2 behind a headless Service; every reporter (inference CPU and
+    GPU, gateway) and querier (scheduler, gateway) lists exactly `<statefulset>-<i>.<headless>:8401` for
+    each replica (a replica left out would miss reports), and each pod advertises its own stable name."""
+    objects = rendered[overlay]
+    [(monitor, container)] = [(w, c) for w, c, s in aimaas_containers(check, objects) if s == "monitor"]
+    assert monitor["kind"] == "StatefulSet"
+    name, replicas, headless = monitor["metadata"]["name"], monitor["spec"]["replicas"], monitor["spec"]["serviceName"]
+    assert replicas >= 2
+    [service] = [s for s in by_kind(objects, "Service") if s["metadata"]["name"] == headless]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert selects({"matchLabels": service["spec"]["selector"]}, monitor["spec"]["template"]["metadata"]["labels"])
+    assert 8401 in {p["port"] for p in service["spec"]["ports"]}
+    expected = {f"{name}-{i}.{headless}:8401" for i in range(replicas)}
+
+    advertised = set()
+    for i in range(replicas):
+        env = check.container_env(objects, monitor, container, tmp_path, {"metadata.name": f"{name}-{i}"})
+        advertised.add(env["AIMAAS_MONITOR__ADVERTISE_ADDRESS"])
+    assert advertised == expected
+
+    checked: dict[str, set[str]] = {}
+    for workload, container, service_name in aimaas_containers(check, objects):
+        if service_name == "monitor":
+            continue
+        env = check.container_env(objects, workload, container, tmp_path)
+        for variable, value in env.items():
+            if re.fullmatch(r"AIMAAS_[A-Z]+__MONITOR_ADDRESS", variable):
+                listed = [a.strip() for a in value.split(",")]
+                assert set(listed) == expected and len(listed) == len(expected), (workload["metadata"]["name"], variable, value)
+                checked.setdefault(service_name, set()).add(workload["metadata"]["name"])
+    assert set(checked) == {"inference", "gateway", "scheduler"}, checked
+    inference = {w["metadata"]["name"] for w, _, s in aimaas_containers(check, objects) if s == "inference"}
+    assert checked["inference"] == inference  # the GPU pool too, where there is one
+    assert check.check_k8s_monitor_addresses(objects) == []
+
+
+def test_monitor_address_check_reports_missing_replicas(check, rendered):
+    """check.py finds a reporter that leaves a replica out, a scale-up without the address lists, a
+    pod that advertises something else than its stable name, and a multi-replica monitor Deployment."""
+    def monitor_of(objects):
+        return next(o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "aimaas-monitor")
+
+    def env_of(objects, kind, name):
+        workload = next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+        return workload["spec"]["template"]["spec"]["containers"][0]["env"]
+
+    objects = copy.deepcopy(rendered["production"])
+    gpu = next(e for e in env_of(objects, "Deployment", "aimaas-inference-gpu") if e["name"] == "AIMAAS_INFERENCE__MONITOR_ADDRESS")
+    gpu["value"] = gpu["value"].split(",")[0]
+    problems = check.check_k8s_monitor_addresses(objects)
+    assert len(problems) == 1 and "aimaas-inference-gpu" in problems[0] and "aimaas-monitor-1." in problems[0], problems
+
+    objects = copy.deepcopy(rendered["dev"])
+    monitor_of(objects)["spec"]["replicas"] = 3
+    problems = check.check_k8s_monitor_addresses(objects)
+    assert {p.split(":")[0] for p in problems} == {
+        "Deployment/aimaas-inference", "Deployment/aimaas-gateway", "Deployment/aimaas-scheduler"
+    }, problems
+    assert all("aimaas-monitor-2.aimaas-monitor-headless:8401" in p for p in problems)
+
+    objects = copy.deepcopy(rendered["dev"])
+    for item in env_of(objects, "StatefulSet", "aimaas-monitor"):
+        if item["name"] == "AIMAAS_MONITOR__ADVERTISE_ADDRESS":
+            item["value"] = "aimaas-monitor:8401"
+    problems = check.check_k8s_monitor_addresses(objects)
+    assert len(problems) == 2 and all("advertises 'aimaas-monitor:8401'" in p for p in problems), problems
+
+    objects = copy.deepcopy(rendered["dev"])
+    monitor = monitor_of(objects)
+    monitor["kind"] = "Deployment"
+    problems = check.check_k8s_monitor_addresses(objects)
+    assert len(problems) == 1 and "see part of the reports" in problems[0], problems
+
+
 def test_dev_bundles_etcd_and_minio_and_production_uses_external_ones(check, rendered, tmp_path):
     dev, production = rendered["dev"], rendered["production"]
     dev_sets = {s["metadata"]["name"] for s in by_kind(dev, "StatefulSet")}
-    assert dev_sets == {"aimaas-etcd", "aimaas-minio"}
+    assert dev_sets == {"aimaas-etcd", "aimaas-minio", "aimaas-monitor"}
     assert any(j["metadata"]["name"] == "aimaas-minio-bucket" for j in by_kind(dev, "Job"))
-    assert by_kind(production, "StatefulSet") == []
+    assert {s["metadata"]["name"] for s in by_kind(production, "StatefulSet")} == {"aimaas-monitor"}
     services = {s["metadata"]["name"] for s in by_kind(dev, "Service")}
 
     def common(objects):
