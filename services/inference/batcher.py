@@ -323,13 +323,15 @@ class Batcher:
         self._running = True
         try:
             rows, span = self._begin(batch)
-            done: concurrent.futures.Future = concurrent.futures.Future()
+            # The outcome goes straight to _deliver: a concurrent.futures.Future here (a Condition
+            # per request) would only carry it across a thread boundary that the inline path lacks.
+            outcome, error = None, None
             try:
-                done.set_result(self._execute(batch, work.rows))
+                outcome = self._execute(batch, work.rows)
             except Exception as exc:  # noqa: BLE001 - delivered to the caller like a thread failure
-                done.set_exception(exc)
+                error = exc
             self._running = False
-            self._deliver(batch, rows, span, done)
+            self._deliver(batch, rows, span, outcome, error)
         finally:
             self._running = False
             if self._queue:  # nothing can queue meanwhile (no await above), but stay safe
@@ -343,12 +345,17 @@ class Batcher:
             self._schedule()
             return
         rows, span = self._begin(batch)
-        done: concurrent.futures.Future = concurrent.futures.Future()
+        # As in _run_now: no concurrent.futures.Future, the outcome goes straight to _deliver.
+        outcome, error = None, None
         try:
-            done.set_result(self._execute(batch, rows))
+            outcome = self._execute(batch, rows)
         except Exception as exc:  # noqa: BLE001 - delivered to the batch's callers like a thread failure
-            done.set_exception(exc)
-        self._finished(batch, rows, span, done)
+            error = exc
+        self._running = False
+        try:
+            self._deliver(batch, rows, span, outcome, error)
+        finally:
+            self._schedule()
 
     def _release(self) -> None:
         self._hold_timer = None
@@ -401,7 +408,8 @@ class Batcher:
             if work.span is not None:
                 work.span.end()
                 traced.append(work)
-        rows = sum(work.rows for work in batch)
+        # Single requests (most of them, and every inline one) skip the generator.
+        rows = batch[0].rows if len(batch) == 1 else sum(work.rows for work in batch)
         span = None
         if traced:
             span = self._tracer.start_span(
@@ -413,17 +421,30 @@ class Batcher:
         return rows, span
 
     def _finished(self, batch: list[_Work], rows: int, span: trace.Span | None, future: concurrent.futures.Future) -> None:
+        """A batch came back from the model thread: unwrap its future for _deliver."""
         self._running = False
         try:
-            self._deliver(batch, rows, span, future)
+            if future.cancelled():
+                self._deliver(batch, rows, span, None, None, cancelled=True)
+            elif (exc := future.exception()) is not None:
+                self._deliver(batch, rows, span, None, exc)
+            else:
+                self._deliver(batch, rows, span, future.result())
         finally:
             self._schedule()
 
     def _deliver(
-        self, batch: list[_Work], rows: int, span: trace.Span | None, future: concurrent.futures.Future
+        self,
+        batch: list[_Work],
+        rows: int,
+        span: trace.Span | None,
+        outcome: tuple[list[Any], int, int, int] | None,
+        exc: BaseException | None = None,
+        *,
+        cancelled: bool = False,
     ) -> None:
-        exc = None if future.cancelled() else future.exception()
-        if future.cancelled() or exc is not None:
+        """Hand a batch's outcome (what _execute returned), or its failure, to its callers."""
+        if cancelled or exc is not None:
             message = f"{self.label} failed to execute: {exc or 'cancelled'}"
             self._log.warning("batch execution failed", model=self.label, error=str(exc), requests=len(batch))
             if span is not None:
@@ -433,7 +454,8 @@ class Batcher:
                 span.end()
             self._fail(batch, exc if isinstance(exc, AimaasError) else ExecutionFailed(message))
             return
-        results, input_ns, infer_ns, output_ns = future.result()
+        assert outcome is not None
+        results, input_ns, infer_ns, output_ns = outcome
         if span is not None:
             span.set_attributes(
                 {"aimaas.compute_input_ns": input_ns, "aimaas.compute_infer_ns": infer_ns, "aimaas.compute_output_ns": output_ns}

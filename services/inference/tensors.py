@@ -119,9 +119,11 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
                     f"input '{name}' sets typed contents while the request uses raw_input_contents; "
                     "use one or the other"
                 )
-            arrays[name] = decode_raw(name, tensor.datatype, tensor.shape, raw[index])
+            # shape[:] (a list) rather than the repeated field itself: copying a protobuf repeated
+            # field into a tuple element by element costs several times more than slicing it.
+            arrays[name] = decode_raw(name, tensor.datatype, tensor.shape[:], raw[index])
         else:
-            arrays[name] = decode_typed(name, tensor.datatype, tensor.shape, tensor.contents)
+            arrays[name] = decode_typed(name, tensor.datatype, tensor.shape[:], tensor.contents)
     return arrays
 
 

@@ -336,3 +336,20 @@ async def test_fast_batches_with_a_queue_delay_still_merge_on_the_loop(tmp_path)
     for i, response in enumerate(responses):
         np.testing.assert_array_equal(result(response), np.full((1, 4), 2 * i, np.float32))
     await plane.close()
+
+
+async def test_a_failed_batch_on_the_loop_fails_its_requests_and_the_model_keeps_serving(tmp_path):
+    batching = BatchingDefaults(max_queue_delay_us=20_000)
+    plane, backend = await loaded(tmp_path, inline_us=10_000, batching=batching)
+    await plane.infer(request(np.ones((1, 4), np.float32)))  # measured on the thread
+    backend.fail_infer = "kaput"
+    outcomes = await asyncio.gather(
+        *(plane.infer(request(np.full((1, 4), i, np.float32))) for i in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(o, ExecutionFailed) and "failed to execute: kaput" in o.message for o in outcomes)
+    backend.fail_infer = ""
+    x = np.ones((2, 4), np.float32)
+    np.testing.assert_array_equal(result(await plane.infer(request(x))), 2 * x)
+    stats = plane.statistics("m")[0]
+    assert stats.inference_stats.fail.count == 3 and stats.inference_stats.success.count == 2
+    await plane.close()

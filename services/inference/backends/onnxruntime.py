@@ -51,6 +51,20 @@ def _tensor_info(arg: Any, kind: str) -> TensorInfo:
     return TensorInfo(name=arg.name, datatype=datatype, shape=shape)
 
 
+def _direct_run_requirements(session: Any) -> frozenset[str] | None:
+    """The inputs a run needs for the binding to be called directly (InferenceSession.run checks
+    these first and raises its own error when one is missing); None: always use
+    InferenceSession.run, because this session needs what only it does (WebGPU graph capture
+    rejects plain runs) or this onnxruntime lacks the expected internals."""
+    binding = getattr(session, "_sess", None)
+    if binding is None or not hasattr(binding, "run"):
+        return None
+    capture = getattr(binding, "is_webgpu_graph_capture_enabled", None)
+    if capture is not None and capture():
+        return None
+    return frozenset(arg.name for arg in session.get_inputs() if not arg.type.startswith("optional"))
+
+
 class OnnxRuntimeBackend(Backend):
     name: ClassVar[str] = "onnxruntime"
     platform: ClassVar[str] = "onnxruntime_onnx"
@@ -65,6 +79,10 @@ class OnnxRuntimeBackend(Backend):
         self._memory = 0
         # BF16 has no numpy type ONNX Runtime knows: such models run through OrtValues.
         self._needs_ort_values = False
+        # Inputs the model cannot run without; None: always go through InferenceSession.run.
+        self._required: frozenset[str] | None = None
+        # onnxruntime's execution provider failure, which InferenceSession.run answers with a fallback.
+        self._ep_fail: type[Exception] = Exception
 
     @classmethod
     def probe(cls) -> str | None:
@@ -110,6 +128,12 @@ class OnnxRuntimeBackend(Backend):
         self.providers = list(session.get_providers())
         self._needs_ort_values = any(t.datatype == "BF16" for t in (*inputs, *outputs))
         self._memory = max(grown, artifact.stat().st_size)
+        self._required = _direct_run_requirements(session)
+        ep_fail = getattr(ort.capi.onnxruntime_pybind11_state, "EPFail", None)
+        if ep_fail is None:
+            self._required = None
+        else:
+            self._ep_fail = ep_fail
 
     def infer(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         session = self._session
@@ -117,7 +141,22 @@ class OnnxRuntimeBackend(Backend):
             raise RuntimeError("the model is not loaded")
         if self._needs_ort_values:
             return self._infer_ort_values(inputs, output_names)
-        return dict(zip(output_names, session.run(output_names, inputs)))
+        required = self._required
+        if required is None or not output_names or not inputs.keys() >= required:
+            return dict(zip(output_names, session.run(output_names, inputs)))
+        # Fast path, for speed: the binding directly. InferenceSession.run's Python checks cost about
+        # a third of a small model's run; the ones that can matter here are settled at load (graph
+        # capture, see _direct_run_requirements) or just above (a missing required input or an empty
+        # output list takes the wrapper, so its errors and defaults stay exactly as they were). The
+        # inputs are numpy arrays, never OrtValues of another session. An execution provider failure
+        # goes back through the wrapper for its provider fallback.
+        try:
+            results = session._sess.run(output_names, inputs, None)
+        except self._ep_fail:
+            if not getattr(session, "_enable_fallback", True):
+                raise
+            results = session.run(output_names, inputs)  # retries, then falls back to other providers
+        return dict(zip(output_names, results))
 
     def _infer_ort_values(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         import onnxruntime as ort
