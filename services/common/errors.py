@@ -83,6 +83,10 @@ def grpc_status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Status code and caller-safe message for any exception a handler let escape."""
     if isinstance(exc, AimaasError):
         return exc.code, exc.message
+    if isinstance(exc, grpc.aio.AioRpcError):
+        # The status of another AIMaaS service (or node) this call depended on keeps its meaning;
+        # their details are caller-safe messages by the same rule.
+        return exc.code(), exc.details() or exc.code().name.lower()
     # Infrastructure errors of the shared layers are outages from the caller's point of view.
     from services.common.etcd import EtcdUnavailable
     from services.common.objectstore import ObjectStoreUnavailable

@@ -19,7 +19,7 @@ import structlog
 
 from inference import grpc_predict_v2_pb2 as pb
 from services.common.auth.roles import Permission, Principal
-from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable, grpc_status_for
 from services.gateway.routing import (
     Replica,
     Route,
@@ -324,14 +324,9 @@ class GatewayDataPlane:
 
 
 def _code_of(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code().name
-    code = getattr(exc, "code", None)
-    if isinstance(code, grpc.StatusCode):
-        return code.name
     if isinstance(exc, asyncio.CancelledError):
         return "CANCELLED"
-    return "INTERNAL"
+    return grpc_status_for(exc)[0].name
 
 
 def _merge(merged: dict[tuple[str, str], pb.ModelStatistics], name: str, stats: pb.ModelStatistics) -> None:

@@ -209,7 +209,7 @@ class GatewayInferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServ
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - in-band error, the stream stays open
-                code, message = _status_of(exc)
+                code, message = grpc_status_for(exc)
                 if code is grpc.StatusCode.INTERNAL:
                     self._log.exception("stream inference failed unexpectedly", model=request.model_name)
                 return pb.ModelStreamInferResponse(
@@ -229,12 +229,6 @@ class GatewayInferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServ
             return await work
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), exc.details() or "")
-
-
-def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code(), exc.details() or ""
-    return grpc_status_for(exc)
 
 
 def register_inference(servicer: GatewayInferenceServicer) -> Callable[[grpc.aio.Server], None]:

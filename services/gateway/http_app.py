@@ -31,15 +31,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.common.errors import AimaasError, grpc_status_for, http_status_for
 from services.common.tracing import Telemetry
 from services.gateway.rest.codec import BodyTooLargeAfterDecoding
-from services.gateway.rest.edge import BodyTooLarge, EdgeMiddleware, _error_body
+from services.gateway.rest.edge import BodyTooLarge, EdgeMiddleware, error_response, validation_message
 from services.gateway.rest.oip import InferFastPath, build_oip_routes
 from services.gateway.settings import GatewaySettings
 
-JSON = "application/json"
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(_error_body(message), status_code=status, media_type=JSON, headers=headers)
 
 
 class ErrorMapper:
@@ -55,20 +50,17 @@ class ErrorMapper:
         return error_response(status, message, self._retry_after if status == 429 else None)
 
     def __call__(self, request: Request, exc: Exception) -> Response:
-        if isinstance(exc, AimaasError):
-            return self._status(exc.code, exc.message)
-        if isinstance(exc, grpc.aio.AioRpcError):
-            # A status from an upstream gRPC service (node, registry...) keeps its meaning.
-            code = exc.code()
-            if http_status_for(code) >= 500 and code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if isinstance(exc, (AimaasError, grpc.aio.AioRpcError)):
+            code, message = grpc_status_for(exc)
+            if (
+                isinstance(exc, grpc.aio.AioRpcError)
+                and http_status_for(code) >= 500
+                and code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            ):
                 self._log.warning("upstream call failed", path=request.url.path, code=code.name, details=exc.details())
-            return self._status(code, exc.details() or code.name.lower())
+            return self._status(code, message)
         if isinstance(exc, RequestValidationError):
-            problems = []
-            for error in exc.errors()[:5]:
-                where = ".".join(str(part) for part in error.get("loc", ()))
-                problems.append(f"{where}: {error.get('msg', 'invalid')}")
-            return error_response(400, "invalid request: " + "; ".join(problems))
+            return error_response(400, validation_message(exc))
         if isinstance(exc, StarletteHTTPException):
             status = 400 if exc.status_code == 422 else exc.status_code
             detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)

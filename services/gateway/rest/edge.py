@@ -32,6 +32,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.requests import Request
+from starlette.responses import Response
 
 from services.common.auth import Principal
 from services.gateway.settings import LimitSettings
@@ -62,7 +63,22 @@ async def read_body(request: Request) -> bytes:
 
 
 def _error_body(message: str) -> bytes:
+    # ASCII JSON: messages may echo client input, and lone surrogates stay encodable as escapes.
     return json.dumps({"error": message}).encode()
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """The gateway's one error shape, `{"error": "..."}`, for every REST route."""
+    return Response(_error_body(message), status_code=status, media_type="application/json", headers=headers)
+
+
+def validation_message(exc: Any) -> str:
+    """A request-validation failure (FastAPI's RequestValidationError) as one line naming each field."""
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "request"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
 
 
 async def send_error(send: Any, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:

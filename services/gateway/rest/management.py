@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import grpc
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from starlette.requests import ClientDisconnect
@@ -36,6 +36,7 @@ from services.common.auth import Permission, Principal, require
 from services.common.errors import AimaasError, InvalidArgument, Unavailable, grpc_status_for, http_status_for
 from services.gateway.rest import mgmt_schemas as s
 from services.gateway.rest.docs import deployment_docs_path
+from services.gateway.rest.edge import error_response, validation_message
 from services.registry.servicer import UPLOAD_ACCEPTED
 
 if TYPE_CHECKING:
@@ -68,31 +69,11 @@ class ManagementBackends:
 # -- errors -----------------------------------------------------------------------------------------
 
 
-def _safe(text: str) -> str:
-    # Messages may echo client input; lone surrogates would make the JSON response unencodable.
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": _safe(message)}, status_code=status, headers=headers)
-
-
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for error in exc.errors()[:5]:
-        where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "request"
-        parts.append(f"{where}: {error.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts)
-
-
-def exception_response(exc: Exception) -> JSONResponse | None:
+def exception_response(exc: Exception) -> Response | None:
     """The {"error"} response for an exception of a backend or of the gateway; None for others."""
-    if isinstance(exc, grpc.aio.AioRpcError):
-        code = exc.code()
-        return error_response(http_status_for(code), exc.details() or code.name.lower())
     if isinstance(exc, RequestValidationError):
-        return error_response(400, _validation_message(exc))
-    if isinstance(exc, AimaasError):
+        return error_response(400, validation_message(exc))
+    if isinstance(exc, (AimaasError, grpc.aio.AioRpcError)):
         code, message = grpc_status_for(exc)
         return error_response(http_status_for(code), message)
     return None
@@ -763,7 +744,7 @@ async def _events(
                 yield _sse("deleted", {"name": name})
                 return
             if isinstance(item, grpc.aio.AioRpcError):
-                yield _sse("error", {"error": _safe(item.details() or item.code().name)})
+                yield _sse("error", {"error": grpc_status_for(item)[1]})
                 return
             yield _sse("deployment", to_json(item.deployment).model_dump(mode="json"))
     finally:
