@@ -18,6 +18,7 @@ import grpc
 import structlog
 
 from inference import grpc_predict_v2_pb2 as pb
+from services.common import oip_stream
 from services.common.auth.roles import Permission, Principal
 from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable, grpc_status_for
 from services.gateway.routing import (
@@ -44,6 +45,9 @@ _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND})
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 # Statistics calls fan out to every node; one slow node must not stall the answer.
 _STATS_TIMEOUT_SECONDS = 5.0
+# Requests with more tensor data than this go to a node as unary calls, not on the shared stream:
+# a large message would hold up the small ones queued behind it on the stream.
+_STREAM_MAX_BYTES = 1024 * 1024
 
 
 def parse_version(model: str, version: str) -> int | None:
@@ -78,6 +82,9 @@ class GatewayDataPlane:
         self._log = logger
         self._stats = stats
         self._drop_headers = _TRACE_HEADERS if inject_trace_context else frozenset()
+        # Exported traces want a client span per upstream call (the channel's interceptors).
+        self._multiplex = settings.multiplex_upstream and not inject_trace_context
+        self._stream_max_bytes = min(_STREAM_MAX_BYTES, settings.limits.max_body_bytes // 2)
         self._rng = rng or random.Random()
 
     # -- health and discovery --------------------------------------------------------------------
@@ -104,7 +111,7 @@ class GatewayDataPlane:
         response: pb.ModelMetadataResponse = await self._call(
             route,
             target,
-            lambda stub, timeout: stub.ModelMetadata(
+            lambda address, timeout: self._upstream.stub(address).ModelMetadata(
                 pb.ModelMetadataRequest(name=route.model, version=str(target.version)), timeout=timeout
             ),
             deadline=self._deadline(None),
@@ -119,7 +126,7 @@ class GatewayDataPlane:
         response: pb.ModelConfigResponse = await self._call(
             route,
             target,
-            lambda stub, timeout: stub.ModelConfig(
+            lambda address, timeout: self._upstream.stub(address).ModelConfig(
                 pb.ModelConfigRequest(name=route.model, version=str(target.version)), timeout=timeout
             ),
             deadline=self._deadline(None),
@@ -190,13 +197,23 @@ class GatewayDataPlane:
         request.model_name = route.model
         request.model_version = str(target.version)
         forwarded = [(k, v) for k, v in metadata if k not in self._drop_headers]
+        upstream = self._upstream
+        call: Callable[[str, float], Awaitable[pb.ModelInferResponse]]
+        if (
+            self._multiplex
+            and _stream_size_ok(request, self._stream_max_bytes)
+            and all(key in oip_stream.TRACE_PARAMETERS for key, _ in forwarded)
+        ):
+            trace = dict(forwarded)
+            call = lambda address, remaining: upstream.stream(address).infer(request, remaining, trace)  # noqa: E731
+        else:
+            # Other metadata (gRPC edge callers' own headers) travels only on a call of its own.
+            call = lambda address, remaining: upstream.stub(address).ModelInfer(  # noqa: E731
+                request, timeout=remaining, metadata=forwarded or None
+            )
         try:
             response: pb.ModelInferResponse = await self._call(
-                route,
-                target,
-                lambda stub, remaining: stub.ModelInfer(request, timeout=remaining, metadata=forwarded or None),
-                deadline=deadline,
-                sticky_key=sticky_key,
+                route, target, call, deadline=deadline, sticky_key=sticky_key
             )
         except BaseException as exc:
             if self._stats is not None:
@@ -253,13 +270,13 @@ class GatewayDataPlane:
         self,
         route: Route,
         target: VersionRoute,
-        call: Callable[[Any, float], Awaitable[T]],
+        call: Callable[[str, float], Awaitable[T]],
         *,
         deadline: float,
         sticky_key: str | None = None,
     ) -> T:
-        """`call(stub, remaining_seconds)` on a replica of `target`; on UNAVAILABLE (or the model gone
-        from the node) again on another replica, at most `retry_max_attempts` times in all."""
+        """`call(node_address, remaining_seconds)` on a replica of `target`; on UNAVAILABLE (or the
+        model gone from the node) again on another replica, at most `retry_max_attempts` times in all."""
         loop = asyncio.get_running_loop()
         upstream = self._upstream
         attempts = self._settings.retry_max_attempts
@@ -280,7 +297,7 @@ class GatewayDataPlane:
             address = replica.address
             try:
                 with upstream.track(address):
-                    result = await call(upstream.stub(address), remaining)
+                    result = await call(address, remaining)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE:
                     raise
@@ -321,6 +338,14 @@ class GatewayDataPlane:
             sticky_key=sticky_key,
             rng=self._rng,
         )
+
+
+def _stream_size_ok(request: pb.ModelInferRequest, limit: int) -> bool:
+    raw = request.raw_input_contents
+    if not raw:
+        # Typed contents: their size is unknown without serializing; they go as unary calls.
+        return not request.inputs
+    return sum(map(len, raw)) <= limit
 
 
 def _code_of(exc: BaseException) -> str:

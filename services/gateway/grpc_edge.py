@@ -23,6 +23,7 @@ from aimaas.registry.v1 import registry_pb2
 from aimaas.scheduler.v1 import scheduler_pb2
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc
+from services.common import oip_stream
 from services.common.aio import completion_order
 from services.common.auth import Permission, current_principal
 from services.common.errors import FailedPrecondition, NotFound, ResourceExhausted, grpc_status_for
@@ -209,15 +210,9 @@ class GatewayInferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServ
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - in-band error, the stream stays open
-                code, message = grpc_status_for(exc)
-                if code is grpc.StatusCode.INTERNAL:
+                if grpc_status_for(exc)[0] is grpc.StatusCode.INTERNAL:
                     self._log.exception("stream inference failed unexpectedly", model=request.model_name)
-                return pb.ModelStreamInferResponse(
-                    error_message=message,
-                    infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version, id=request.id
-                    ),
-                )
+                return oip_stream.error_response(request, exc)
 
         async for response in completion_order(request_iterator, answer):
             yield response

@@ -54,6 +54,10 @@ class GatewayServerSettings(ServerSettings):
     scale_from_zero_hold_seconds: Annotated[float, Field(ge=0)] = 30.0
     # ...and at most this many wait at once (more get RESOURCE_EXHAUSTED).
     scale_from_zero_queue_size: Annotated[int, Field(ge=0)] = 1000
+    # Inference requests with up to 1 MiB of tensor data go to a node as messages on one long-lived
+    # stream per node instead of a call each (far less work per request on both sides); larger
+    # ones, and every request while traces are exported, go as unary calls.
+    multiplex_upstream: bool = True
     # Requests carrying this header (gRPC metadata key) stick to one version and replica.
     sticky_header: str = "x-aimaas-session"
 

@@ -97,7 +97,12 @@ class InferenceApp:
             reflection_pool=reflection_pool_of(pb.DESCRIPTOR),
         )
         self.servicer = InferenceServicer(
-            self.data_plane, self.repository, version=server_version(), is_ready=self.ready, logger=self.log
+            self.data_plane,
+            self.repository,
+            version=server_version(),
+            is_ready=self.ready,
+            logger=self.log,
+            tracer=self.telemetry.tracer("aimaas.inference") if self.telemetry.exporting else None,
         )
         self.grpc.add_service(SERVICE_NAME, register(self.servicer))
         self.metrics_endpoint = (

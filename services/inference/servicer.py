@@ -12,15 +12,19 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import structlog
+from opentelemetry.trace import SpanKind, Tracer
 
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc
+from services.common import oip_stream
 from services.common.aio import completion_order
 from services.common.errors import FailedPrecondition, InvalidArgument, grpc_status_for
 from services.inference.dataplane import DataPlane, ModelState
 from services.inference.repository import ModelRepository
 
 SERVER_NAME = "aimaas"
+# The span of one request on a stream that carried its own trace context (services.common.oip_stream).
+STREAM_REQUEST_SPAN = "/inference.GRPCInferenceService/ModelStreamInfer request"
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "statistics")
 MESH_PLACEMENT = "models on a mesh node are placed by the scheduler"
 # The protocol's repository states; FAILED is reported as UNAVAILABLE with its reason.
@@ -42,8 +46,12 @@ class InferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
         version: str,
         is_ready: Callable[[], bool],
         logger: structlog.stdlib.BoundLogger,
+        tracer: Tracer | None = None,
     ) -> None:
+        """`tracer`: set when this node exports traces; a stream request that carries its own trace
+        context then gets a server span under it (unary calls get theirs from the interceptor)."""
         self._data_plane = data_plane
+        self._tracer = tracer
         self._repository = repository
         self._is_ready = is_ready
         self._log = logger
@@ -70,30 +78,35 @@ class InferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
         return self._data_plane.metadata(request.name, request.version)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        return await self._data_plane.infer(request, deadline=self._deadline(context))
+        deadline = oip_stream.request_deadline(request, asyncio.get_running_loop().time(), self._deadline(context))
+        return await self._data_plane.infer(request, deadline=deadline)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Requests of one stream run concurrently (so they can share batches); each response goes
-        # out when ready, matched to its request by id, as in Triton.
+        # out when ready, matched to its request by id, as in Triton. A request's own deadline and
+        # trace parent may come in its parameters (services.common.oip_stream: a gateway multiplexes
+        # many callers' requests over one stream), its error's status code goes back in-band.
         deadline = self._deadline(context)
+        loop = asyncio.get_running_loop()
 
         async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                return pb.ModelStreamInferResponse(infer_response=await self._data_plane.infer(request, deadline=deadline))
+                own_deadline = oip_stream.request_deadline(request, loop.time(), deadline)
+                parent = oip_stream.trace_parent(request) if self._tracer is not None else None
+                if parent is None:
+                    response = await self._data_plane.infer(request, deadline=own_deadline)
+                else:
+                    with self._tracer.start_as_current_span(STREAM_REQUEST_SPAN, context=parent, kind=SpanKind.SERVER):
+                        response = await self._data_plane.infer(request, deadline=own_deadline)
+                return pb.ModelStreamInferResponse(infer_response=response)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - in-band error, the stream stays open
-                code, message = grpc_status_for(exc)
-                if code is grpc.StatusCode.INTERNAL:
+                if grpc_status_for(exc)[0] is grpc.StatusCode.INTERNAL:
                     self._log.exception("stream inference failed unexpectedly", model=request.model_name)
-                return pb.ModelStreamInferResponse(
-                    error_message=message,
-                    infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version, id=request.id
-                    ),
-                )
+                return oip_stream.error_response(request, exc)
 
         async for response in completion_order(request_iterator, answer):
             yield response

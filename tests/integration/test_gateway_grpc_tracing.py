@@ -12,6 +12,7 @@ from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common.settings import LogSettings, TelemetrySettings
 from services.common.tracing import setup_telemetry
+from services.inference.servicer import STREAM_REQUEST_SPAN
 from services.inference.settings import InferenceServerSettings, InferenceSettings
 from tests.support.gateway import deploy, gateway_settings, running_gateway
 from tests.support.inference import running_inference
@@ -31,7 +32,8 @@ def _request() -> pb.ModelInferRequest:
 
 
 def _node_rpc_spans(exporter: InMemorySpanExporter) -> list:
-    return [s for s in exporter.get_finished_spans() if s.name.endswith("ModelInfer")]
+    # A unary call's server span, or the span of a request multiplexed on the gateway's stream.
+    return [s for s in exporter.get_finished_spans() if s.name.endswith("ModelInfer") or s.name == STREAM_REQUEST_SPAN]
 
 
 async def test_traceparent_reaches_the_node(etcd_settings, local_store_settings, tmp_path):
@@ -59,8 +61,12 @@ async def test_traceparent_reaches_the_node(etcd_settings, local_store_settings,
             async with grpc.aio.insecure_channel(gateway.grpc_address) as channel:
                 await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_request(), metadata=traceparent, timeout=20)
         (span,) = _node_rpc_spans(node_spans)
+        # It went multiplexed on the gateway's stream to the node, its trace context in its parameters.
+        assert span.name == STREAM_REQUEST_SPAN
         assert format(span.context.trace_id, "032x") == TRACE_ID
         assert format(span.parent.span_id, "016x") == CALLER_SPAN
+        # The node's own spans of the request hang under it.
+        assert any(s.name == "queue wait" and s.parent.span_id == span.context.span_id for s in node_spans.get_finished_spans())
 
         # A gateway that records spans joins the trace: caller → gateway server span → gateway client
         # span → node.
@@ -72,6 +78,7 @@ async def test_traceparent_reaches_the_node(etcd_settings, local_store_settings,
             async with grpc.aio.insecure_channel(gateway.grpc_address) as channel:
                 await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_request(), metadata=traceparent, timeout=20)
         (span,) = _node_rpc_spans(node_spans)
+        assert span.name.endswith("/ModelInfer")  # a call of its own, with the gateway's client span
         recorded = {s.context.span_id: s for s in gateway_spans.get_finished_spans()}
         assert format(span.context.trace_id, "032x") == TRACE_ID
         client_span = recorded[span.parent.span_id]  # the node's parent is a gateway span...

@@ -414,3 +414,58 @@ async def test_rpc_spans_parent_queue_wait_and_link_the_batch(repository):
     assert linked == set(rpc_spans)
     assert all(batch.parent.span_id in rpc_spans for batch in batch_spans)
     assert all(s.context.trace_id == rpc_spans[s.parent.span_id].context.trace_id for s in queue_spans)
+
+
+# ------------------------------------------------- per-request deadline and in-band status (streams)
+
+
+def _with_timeout(request: pb.ModelInferRequest, microseconds) -> pb.ModelInferRequest:
+    if isinstance(microseconds, str):
+        request.parameters["timeout"].string_param = microseconds
+    else:
+        request.parameters["timeout"].int64_param = microseconds
+    return request
+
+
+async def test_request_timeout_parameter_is_the_requests_deadline(server, stub):
+    """Triton's `timeout` request parameter (µs) bounds a request, unary or on a stream, where a
+    stream's own deadline cannot (the gateway multiplexes many callers on one stream)."""
+    (instance,) = SMALL_QUEUE.instances
+    instance.release.clear()
+    x = np.ones((1, 4), np.float32)
+    running = asyncio.ensure_future(stub.ModelInfer(mlp_request(x, "small-queue")))
+    await _until(lambda: instance.calls == 2)  # warm-up, then this one (blocked)
+
+    started = time.monotonic()
+    await expect(stub.ModelInfer(_with_timeout(mlp_request(x, "small-queue"), 50_000)), grpc.StatusCode.DEADLINE_EXCEEDED,
+                 "waiting in the queue of model 'small-queue' version 1")
+    assert time.monotonic() - started < 5  # the request's 50 ms, not the blocked model's release
+    await expect(stub.ModelInfer(_with_timeout(mlp_request(x, "small-queue"), "soon")), grpc.StatusCode.INVALID_ARGUMENT,
+                 "request parameter 'timeout' must be a non-negative int64 (microseconds)")
+
+    call = stub.ModelStreamInfer()
+    timed = _with_timeout(mlp_request(x, "small-queue"), 50_000)
+    timed.id = "timed"
+    await call.write(timed)
+    (response,) = [await call.read()]
+    assert response.infer_response.id == "timed"
+    assert "waiting in the queue" in response.error_message
+    assert response.infer_response.parameters["aimaas_status"].string_param == "DEADLINE_EXCEEDED"
+    instance.release.set()
+    await running
+
+    # Every in-band error says its status code, as a unary call's status would.
+    for request, code in (
+        (mlp_request(np.ones((1, 8), np.float32), "nope"), "NOT_FOUND"),
+        (mlp_request(np.ones((1, 7), np.float32)), "INVALID_ARGUMENT"),
+        (_with_timeout(mlp_request(np.ones((1, 8), np.float32)), -1), "INVALID_ARGUMENT"),
+    ):
+        await call.write(request)
+        response = await call.read()
+        assert response.error_message
+        assert response.infer_response.parameters["aimaas_status"].string_param == code, response.error_message
+    # A generous timeout changes nothing for a request that is served.
+    await call.write(_with_timeout(mlp_request(np.ones((1, 8), np.float32)), 10_000_000))
+    response = await call.read()
+    assert not response.error_message and response.infer_response.outputs[0].shape == [1, 5]
+    await call.done_writing()

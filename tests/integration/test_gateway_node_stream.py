@@ -1,0 +1,187 @@
+"""The gateway's multiplexed inference stream to a node (services.gateway.upstream.NodeStream) over
+real gRPC: against a real inference node (answers, ids, in-band statuses) and against a scripted
+node (deadlines, parameters sent, callers going away, the stream breaking)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from inference import grpc_predict_v2_pb2 as pb
+from inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.common import oip_stream
+from services.gateway.dataplane import _stream_size_ok
+from services.gateway.upstream import Upstream
+from services.inference.tensors import add_raw_input
+from tests.support.inference import inference_settings, running_inference, write_model
+from tests.support.models import mlp_model
+
+MLP = mlp_model(inputs=4, hidden=8, outputs=3, seed=9)
+
+
+def _request(x: np.ndarray, model: str = "mlp", request_id: str = "") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, id=request_id)
+    add_raw_input(request, "x", x)
+    return request
+
+
+def _output(response: pb.ModelInferResponse) -> np.ndarray:
+    (tensor,) = response.outputs
+    return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(tuple(tensor.shape))
+
+
+@pytest.fixture
+async def node(tmp_path):
+    write_model(tmp_path / "models", "mlp", MLP, config={"max_batch_size": 32})
+    async with running_inference(inference_settings(tmp_path / "models")) as app:
+        yield app.grpc.address
+
+
+@pytest.fixture
+async def upstream():
+    upstream = Upstream(eject_seconds=1.0, max_message_bytes=4 * 1024 * 1024)
+    yield upstream
+    await upstream.close()
+
+
+async def test_concurrent_callers_share_one_stream_and_each_gets_its_own_answer(node, upstream):
+    reference = ort.InferenceSession(MLP.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = random.Random(5)
+    stream = upstream.stream(node)
+    requests = []
+    for i in range(64):
+        x = np.random.default_rng(i).standard_normal((rng.randint(1, 8), 4)).astype(np.float32)
+        # Callers' ids collide (or are empty): the stream's own ids keep them apart.
+        requests.append((x, _request(x, request_id=["", "same", f"id-{i}"][i % 3])))
+    sent = [request.SerializeToString() for _, request in requests]
+    responses = await asyncio.gather(*(stream.infer(request, 10.0) for _, request in requests))
+    for (x, request), response, before in zip(requests, responses, sent, strict=True):
+        np.testing.assert_allclose(_output(response), reference.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
+        assert response.id == request.id
+        assert request.SerializeToString() == before  # the caller's message is left as it was
+    assert upstream.stream(node) is stream and not stream.closed and stream.pending == 0
+
+
+async def test_in_band_errors_keep_their_status_and_the_stream(node, upstream):
+    stream = upstream.stream(node)
+    for request, code, fragment in (
+        (_request(np.ones((1, 4), np.float32), model="ghost"), grpc.StatusCode.NOT_FOUND, "unknown model 'ghost'"),
+        (_request(np.ones((1, 5), np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "input 'x' has shape [1, 5]"),
+        (_request(np.ones((1, 4), np.float32), request_id="x"), None, None),
+    ):
+        if code is None:
+            assert (await stream.infer(request, 10.0)).id == "x"
+            continue
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stream.infer(request, 10.0)
+        assert info.value.code() == code and fragment in info.value.details()
+    assert not stream.closed
+
+
+class ScriptedNode(pb_grpc.GRPCInferenceServiceServicer):
+    """A node whose stream answers by model name: "echo" at once, "hang" never, "break" by aborting
+    the whole stream. Every request received is kept."""
+
+    def __init__(self) -> None:
+        self.received: list[pb.ModelInferRequest] = []
+        self.streams = 0
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        self.streams += 1
+        async for request in request_iterator:
+            self.received.append(request)
+            if request.model_name == "break":
+                await context.abort(grpc.StatusCode.INTERNAL, "node crashed")
+            if request.model_name == "echo":
+                yield pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(model_name="echo", id=request.id))
+
+
+@pytest.fixture
+async def scripted():
+    servicer = ScriptedNode()
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    await server.stop(0)
+
+
+async def test_deadline_and_trace_context_travel_in_the_parameters(scripted, upstream):
+    servicer, address = scripted
+    stream = upstream.stream(address)
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stream.infer(pb.ModelInferRequest(model_name="hang", id="mine"), 0.3, {"traceparent": "00-ab-cd-01"})
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.25 < time.monotonic() - started < 5
+    # The caller's own shorter timeout parameter wins over the gateway's deadline.
+    own = pb.ModelInferRequest(model_name="echo", id="own")
+    own.parameters["timeout"].int64_param = 1000
+    assert (await stream.infer(own, 5.0)).id == "own"
+    hung, echoed = servicer.received
+    assert hung.parameters[oip_stream.TIMEOUT_PARAMETER].int64_param == 300_000
+    assert hung.parameters["traceparent"].string_param == "00-ab-cd-01"
+    assert hung.id != "mine"  # the stream's own id went out; the caller's comes back on the answer
+    assert echoed.parameters[oip_stream.TIMEOUT_PARAMETER].int64_param == 1000
+    assert not stream.closed and stream.pending == 0
+
+
+async def test_a_caller_going_away_leaves_the_others_alone(scripted, upstream):
+    servicer, address = scripted
+    stream = upstream.stream(address)
+    waiting = asyncio.ensure_future(stream.infer(pb.ModelInferRequest(model_name="hang"), 30.0))
+    while not servicer.received:
+        await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert stream.pending == 0
+    assert (await stream.infer(pb.ModelInferRequest(model_name="echo", id="after"), 5.0)).id == "after"
+    assert servicer.streams == 1
+
+
+async def test_a_broken_stream_fails_its_waiting_requests_as_unavailable_and_is_replaced(scripted, upstream):
+    servicer, address = scripted
+    stream = upstream.stream(address)
+    waiting = [asyncio.ensure_future(stream.infer(pb.ModelInferRequest(model_name="hang"), 30.0)) for _ in range(3)]
+    while len(servicer.received) < 3:
+        await asyncio.sleep(0.01)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stream.infer(pb.ModelInferRequest(model_name="break"), 30.0)
+    # UNAVAILABLE: the gateway retries these on another replica.
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "node crashed" in info.value.details()
+    for future in waiting:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await future
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert stream.closed
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stream.infer(pb.ModelInferRequest(model_name="echo"), 5.0)
+    replacement = upstream.stream(address)
+    assert replacement is not stream
+    assert (await replacement.infer(pb.ModelInferRequest(model_name="echo", id="again"), 5.0)).id == "again"
+    assert servicer.streams == 2
+
+
+async def test_a_node_that_is_gone_fails_fast_as_unavailable(upstream):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await upstream.stream("127.0.0.1:1").infer(pb.ModelInferRequest(model_name="echo"), 5.0)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_only_small_requests_with_raw_tensors_go_on_the_stream():
+    small = _request(np.ones((4, 4), np.float32))
+    assert _stream_size_ok(small, 1024)
+    assert not _stream_size_ok(_request(np.ones((1024, 4), np.float32)), 1024)
+    typed = pb.ModelInferRequest(model_name="m")
+    typed.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
+    assert not _stream_size_ok(typed, 1024)
+    assert _stream_size_ok(pb.ModelInferRequest(model_name="m"), 1024)  # the node explains what is missing
