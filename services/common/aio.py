@@ -59,10 +59,11 @@ async def completion_order(requests: AsyncIterable[T], handle: Callable[[T], Awa
     tasks: set[asyncio.Task[None]] = set()
 
     async def run(request: T) -> None:
+        # put_nowait: the queue is unbounded (the stream's own flow control bounds the requests).
         try:
-            await results.put(await handle(request))
+            results.put_nowait(await handle(request))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            await results.put(exc)
+            results.put_nowait(exc)
 
     async def read() -> None:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Any
 from dataclasses import dataclass, field
 
 import structlog
@@ -62,6 +63,7 @@ class GatewayStats:
         self._log = logger
         self._windows: dict[tuple[str, int], _Window] = {}
         self._task: asyncio.Task[None] | None = None
+        self._ok_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.requests = Counter(
             "aimaas_gateway_requests_total", "Inference requests routed, by deployment, version and status code",
             ["deployment", "version", "code"], registry=metrics.registry,
@@ -84,8 +86,15 @@ class GatewayStats:
         return window
 
     def success(self, deployment: str, version: int, seconds: float) -> None:
-        self.requests.labels(deployment, str(version), "OK").inc()
-        self.seconds.labels(deployment).observe(seconds)
+        # Bound label children, cached: a labels() lookup costs more than the increment itself.
+        children = self._ok_children.get((deployment, version))
+        if children is None:
+            children = self._ok_children[(deployment, version)] = (
+                self.requests.labels(deployment, str(version), "OK"),
+                self.seconds.labels(deployment),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
         if self.reports is not None:
             window = self._window(deployment, version)
             window.success += 1
