@@ -55,7 +55,7 @@ class NodeStream:
         )()
         self._pending: dict[str, asyncio.Future[pb.ModelInferResponse]] = {}
         self._ids = itertools.count()
-        self._outbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self.closed = False
         loop = asyncio.get_running_loop()
         self._tasks = (loop.create_task(self._write_loop()), loop.create_task(self._read_loop()))
@@ -81,7 +81,7 @@ class NodeStream:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[pb.ModelInferResponse] = loop.create_future()
         self._pending[key] = future
-        self._outbox.put_nowait(request.SerializeToString() + extra.SerializeToString())
+        self._outbox.put_nowait((key, request.SerializeToString() + extra.SerializeToString()))
         timer = loop.call_later(timeout, self._expire, key)
         try:
             response = await future
@@ -101,7 +101,11 @@ class NodeStream:
     async def _write_loop(self) -> None:
         try:
             while True:
-                await self._call.write(await self._outbox.get())
+                key, message = await self._outbox.get()
+                # A node that stopped reading holds the writes up; requests that expired (or whose
+                # caller left) meanwhile are not sent at all.
+                if key in self._pending:
+                    await self._call.write(message)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the stream is gone; the reader reports why

@@ -185,3 +185,26 @@ def test_only_small_requests_with_raw_tensors_go_on_the_stream():
     typed.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
     assert not _stream_size_ok(typed, 1024)
     assert _stream_size_ok(pb.ModelInferRequest(model_name="m"), 1024)  # the node explains what is missing
+
+
+async def test_requests_that_expire_while_writes_are_held_up_are_never_sent(scripted, upstream):
+    servicer, address = scripted
+    stream = upstream.stream(address)
+    gate = asyncio.Event()
+    write = stream._call.write
+
+    async def held_write(message):  # a node that stopped reading: HTTP/2 flow control holds writes
+        await gate.wait()
+        await write(message)
+
+    stream._call.write = held_write
+    first = asyncio.ensure_future(stream.infer(pb.ModelInferRequest(model_name="echo", id="first"), 10.0))
+    while stream.pending == 0:  # "first" is queued, and its write is held at the gate
+        await asyncio.sleep(0.01)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stream.infer(pb.ModelInferRequest(model_name="echo", id="expired"), 0.1)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    gate.set()
+    assert (await first).id == "first"
+    assert (await stream.infer(pb.ModelInferRequest(model_name="echo", id="later"), 5.0)).id == "later"
+    assert [r.model_name for r in servicer.received] == ["echo", "echo"]  # "expired" never went out
