@@ -12,6 +12,8 @@ travels in request and response parameters instead; clients that do not know the
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -54,9 +56,12 @@ def set_trace_parameters(request: pb.ModelInferRequest, carrier: dict[str, str])
         request.parameters[key].string_param = value
 
 
-def error_response(request: pb.ModelInferRequest, exc: BaseException) -> pb.ModelStreamInferResponse:
-    """The in-band answer of a request that failed with `exc`: message, id and status code name."""
+def error_response(request: pb.ModelInferRequest, exc: BaseException, log: Any) -> pb.ModelStreamInferResponse:
+    """The in-band answer of a request that failed with `exc`: message, id and status code name.
+    An unexpected error (INTERNAL: its details stay out of the answer) is logged to `log`."""
     code, message = grpc_status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("stream inference failed unexpectedly", model=request.model_name, exc_info=exc)
     response = pb.ModelStreamInferResponse(
         error_message=message,
         infer_response=pb.ModelInferResponse(

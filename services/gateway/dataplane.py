@@ -12,7 +12,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 import structlog
@@ -41,8 +41,6 @@ T = TypeVar("T")
 
 # A replica answering these did not run the request (or is gone): another replica may.
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND})
-# Trace context headers: forwarded as received unless our own client interceptors inject them.
-_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 # Statistics calls fan out to every node; one slow node must not stall the answer.
 _STATS_TIMEOUT_SECONDS = 5.0
 # Requests with more tensor data than this go to a node as unary calls, not on the shared stream:
@@ -81,7 +79,8 @@ class GatewayDataPlane:
         self._settings = settings
         self._log = logger
         self._stats = stats
-        self._drop_headers = _TRACE_HEADERS if inject_trace_context else frozenset()
+        # Trace context headers are forwarded as received unless our own client interceptors inject them.
+        self._drop_headers = oip_stream.TRACE_PARAMETERS if inject_trace_context else frozenset()
         # Exported traces want a client span per upstream call (the channel's interceptors).
         self._multiplex = settings.multiplex_upstream and not inject_trace_context
         self._stream_max_bytes = min(_STREAM_MAX_BYTES, settings.limits.max_body_bytes // 2)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from prometheus_client import Counter, Histogram

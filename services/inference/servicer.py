@@ -18,7 +18,7 @@ from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc
 from services.common import oip_stream
 from services.common.aio import completion_order
-from services.common.errors import FailedPrecondition, InvalidArgument, grpc_status_for
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.inference.dataplane import DataPlane, ModelState
 from services.inference.repository import ModelRepository
 
@@ -104,9 +104,7 @@ class InferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - in-band error, the stream stays open
-                if grpc_status_for(exc)[0] is grpc.StatusCode.INTERNAL:
-                    self._log.exception("stream inference failed unexpectedly", model=request.model_name)
-                return oip_stream.error_response(request, exc)
+                return oip_stream.error_response(request, exc, self._log)
 
         async for response in completion_order(request_iterator, answer):
             yield response

@@ -208,3 +208,22 @@ async def test_requests_that_expire_while_writes_are_held_up_are_never_sent(scri
     assert (await first).id == "first"
     assert (await stream.infer(pb.ModelInferRequest(model_name="echo", id="later"), 5.0)).id == "later"
     assert [r.model_name for r in servicer.received] == ["echo", "echo"]  # "expired" never went out
+
+
+async def test_a_node_leaving_the_routing_table_gets_its_idle_stream_closed(scripted, upstream):
+    """A draining node is not held for its whole grace period by the gateway's open stream."""
+    servicer, address = scripted
+    stream = upstream.stream(address)
+    assert (await stream.infer(pb.ModelInferRequest(model_name="echo", id="one"), 5.0)).id == "one"
+    upstream.retain({address})  # still routed: kept
+    await asyncio.sleep(0.05)
+    assert not stream.closed
+    upstream.retain(set())
+    for _ in range(100):
+        if stream.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert stream.closed
+    replacement = upstream.stream(address)  # routed again later: a fresh channel and stream
+    assert replacement is not stream
+    assert (await replacement.infer(pb.ModelInferRequest(model_name="echo", id="two"), 5.0)).id == "two"

@@ -11,6 +11,14 @@ from services.common import oip_stream
 from services.common.errors import InvalidArgument, NotFound
 
 
+class RecordingLog:
+    def __init__(self) -> None:
+        self.errors: list[tuple[str, dict]] = []
+
+    def error(self, event: str, **fields) -> None:
+        self.errors.append((event, fields))
+
+
 def _timed(microseconds: int) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name="m")
     request.parameters["timeout"].int64_param = microseconds
@@ -44,13 +52,17 @@ def test_a_malformed_timeout_parameter_is_invalid_argument(value):
 
 def test_error_responses_carry_their_status_and_the_request_id():
     request = pb.ModelInferRequest(model_name="m", model_version="2", id="abc")
-    response = oip_stream.error_response(request, NotFound("unknown model 'm'"))
+    log = RecordingLog()
+    response = oip_stream.error_response(request, NotFound("unknown model 'm'"), log)
     assert response.error_message == "unknown model 'm'"
     assert (response.infer_response.model_name, response.infer_response.model_version, response.infer_response.id) == ("m", "2", "abc")
     assert oip_stream.error_status(response) is grpc.StatusCode.NOT_FOUND
-    # Unexpected errors say INTERNAL and leak nothing.
-    internal = oip_stream.error_response(request, RuntimeError("/secret/path"))
+    assert log.errors == []  # the caller's mistake, not ours
+    # Unexpected errors say INTERNAL, leak nothing, and are logged with their cause.
+    failure = RuntimeError("/secret/path")
+    internal = oip_stream.error_response(request, failure, log)
     assert internal.error_message == "internal error" and oip_stream.error_status(internal) is grpc.StatusCode.INTERNAL
+    assert log.errors == [("stream inference failed unexpectedly", {"model": "m", "exc_info": failure})]
 
 
 @pytest.mark.parametrize("status", [None, "", "OK", "NO_SUCH_CODE"])
