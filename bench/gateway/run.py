@@ -86,11 +86,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the throughput phase")
     parser.add_argument("--seconds", type=float, default=None, help="duration of each concurrent phase")
     parser.add_argument("--profile", default=None, help="write a cProfile of the gateway process here")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated subset of the modes to measure (e.g. rest_binary with --profile)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results/gateway.json"))
     args = parser.parse_args(argv)
     args.requests = args.requests or (200 if args.quick else 2000)
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.seconds = args.seconds or (2.0 if args.quick else 5.0)
+    args.modes = tuple(mode for mode in MODES if mode in args.modes.split(","))
+    if not args.modes:
+        parser.error(f"--modes names none of {', '.join(MODES)}")
     return args
 
 
@@ -280,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(args: argparse.Namespace, node: str, http: tuple[str, str], edge: dict) -> dict:
-    seq_rounds: dict[str, list] = {mode: [] for mode in MODES}
-    conc_rounds: dict[str, list] = {mode: [] for mode in MODES}
+    seq_rounds: dict[str, list] = {mode: [] for mode in args.modes}
+    conc_rounds: dict[str, list] = {mode: [] for mode in args.modes}
     for round_index in range(args.rounds):
-        order = MODES if round_index % 2 == 0 else tuple(reversed(MODES))
+        order = args.modes if round_index % 2 == 0 else tuple(reversed(args.modes))
         for mode in order:
             seq_rounds[mode].append(sequential(mode, node, http, args.requests, warmup=50))
             summary = merge_rounds([seq_rounds[mode][-1]])
@@ -394,7 +399,7 @@ def edge_cpu_us(requests: int = 2000, repeats: int = 5) -> dict:
 def headline(report: dict) -> str:
     seq, conc = report["sequential"], report["concurrent"]
     lines = ["mode          seq p50 ms  seq req/s  conc req/s"]
-    for mode in MODES:
+    for mode in (mode for mode in MODES if mode in seq):
         lines.append(f"{mode:<13} {seq[mode]['p50_ms']!s:>10} {seq[mode]['rps']!s:>10} {conc[mode]['rps']!s:>11}")
     r = seq["ratios"]
     lines.append(f"p50 ratio vs direct gRPC: rest_binary {r['rest_binary_p50_over_grpc']}x, rest_json "

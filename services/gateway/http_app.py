@@ -177,6 +177,75 @@ class HttpServer:
                 await self._task
 
 
+class _CoalescingTransport:
+    """uvicorn's transport, holding a response's head until its first body write, so that a small
+    response leaves in one send (uvicorn writes the status line and headers on `http.response.start`
+    and the body on the next message: two loopback or TCP sends, and a client woken twice).
+
+    The head is the first write after the connection's current response started; at the latest it
+    leaves at the end of this event-loop iteration, so an event stream whose first event comes later
+    still gets its headers at once. Anything else (100 Continue, a pipelined response, errors the
+    protocol writes itself) passes straight through.
+    """
+
+    def __init__(self, transport: asyncio.Transport, protocol: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._loop = loop
+        self._head: bytes | None = None
+        self._head_cycle: Any = None
+        # The rest of the transport interface, bound once (uvicorn calls these per request).
+        self.get_extra_info = transport.get_extra_info
+        self.is_closing = transport.is_closing
+        self.pause_reading = transport.pause_reading
+        self.resume_reading = transport.resume_reading
+        self.set_protocol = transport.set_protocol
+        self.get_protocol = transport.get_protocol
+        self.get_write_buffer_size = transport.get_write_buffer_size
+        self.set_write_buffer_limits = transport.set_write_buffer_limits
+        self.can_write_eof = transport.can_write_eof
+        self.abort = transport.abort
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            data = self._head + data
+            self._head = None
+        else:
+            cycle = self._protocol.cycle
+            if cycle is not None and cycle is not self._head_cycle and cycle.response_started \
+                    and not cycle.response_complete:
+                self._head_cycle = cycle
+                self._head = data
+                self._loop.call_soon(self.flush)
+                return
+        self._transport.write(data)
+
+    def writelines(self, chunks: Any) -> None:
+        self.write(b"".join(chunks))
+
+    def flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            if not self._transport.is_closing():
+                self._transport.write(head)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+
+def _coalescing_protocol(base: type) -> type:
+    class CoalescingHttpProtocol(base):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(_CoalescingTransport(transport, self, self.loop))
+
+    return CoalescingHttpProtocol
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):  # type: ignore[override]
@@ -199,10 +268,17 @@ async def serve_http(
     sock.bind((host, port))
     sock.set_inheritable(True)
     actual_port = sock.getsockname()[1]
+    http: Any = "h11"
+    if importlib.util.find_spec("httptools"):
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        http = _coalescing_protocol(HttpToolsProtocol)
     config = uvicorn.Config(
         app,
         loop="none",  # the caller's running loop (uvloop when the process runs on it)
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=http,
+        ws="none",  # no WebSocket routes
+        proxy_headers=False,  # nothing reads the client address; X-Forwarded-* need no parsing
         lifespan="off",
         access_log=False,  # our middleware writes the structured access log
         log_config=None,

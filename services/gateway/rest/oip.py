@@ -25,7 +25,7 @@ from services.common.auth import Permission, Principal
 from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.gateway.rest import codec
 from services.gateway.rest.edge import (
-    PRINCIPAL_STATE, REQUEST_DEADLINE_STATE, read_body, set_model,
+    MODEL_STATE, PRINCIPAL_STATE, REQUEST_DEADLINE_STATE, read_body, receive_body, set_model,
 )
 
 SERVER_NAME = "aimaas"
@@ -116,7 +116,15 @@ def _version(version: str) -> str:
     return version
 
 
-InferHandler = Callable[[Request, str, str], Awaitable[Response]]
+InferHandler = Callable[[dict, Any, str, str], Awaitable[codec.EncodedResponse]]
+_HEADER_LENGTH_KEY = codec.HEADER_LENGTH.encode()
+
+
+def infer_response_headers(encoded: codec.EncodedResponse) -> list[tuple[str, str]]:
+    """Content type and, with binary outputs, Inference-Header-Content-Length of an inference response."""
+    if encoded.header_length is None:
+        return [("content-type", JSON)]
+    return [("content-type", OCTET_STREAM), ("inference-header-content-length", str(encoded.header_length))]
 
 
 def build_oip_router(
@@ -192,32 +200,46 @@ def build_oip_routes(
             document["model_stats"] = [s for s in document["model_stats"] if principal.in_scope(s["name"])]
         return _json(document)
 
-    async def infer(request: Request, model: str, version: str) -> Response:
-        set_model(request, model)
-        principal = await principal_for(request, Permission.INFER, model)
-        headers = request.headers
-        body = await read_body(request)
-        body = codec.decompress(body, headers.get("content-encoding"), max_body_bytes)
-        header_length = codec.parse_header_length(headers.get(codec.HEADER_LENGTH), len(body))
-        decoded = codec.decode_infer_request(body, header_length, model=model, version=version)
-        timeout = _remaining(request, decoded.timeout_s)
+    sticky_key = sticky_header.lower().encode("latin-1") if sticky_header else None
+
+    async def infer(scope: dict, receive: Any, model: str, version: str) -> codec.EncodedResponse:
+        # Works on the ASGI scope, not a Starlette Request: this is the hot path (InferFastPath),
+        # and one pass over the raw headers replaces a Headers object and its per-lookup scans.
+        state = scope.setdefault("state", {})
+        state[MODEL_STATE] = model
+        authorization = encoding = header_length = sticky = None
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                authorization = value.decode("latin-1")
+            elif key == b"content-encoding":
+                encoding = value.decode("latin-1")
+            elif key == _HEADER_LENGTH_KEY:
+                header_length = value.decode("latin-1")
+            elif key == sticky_key:
+                sticky = value.decode("latin-1")
+        principal = state.get(PRINCIPAL_STATE)
+        if principal is None:
+            principal = await auth.authenticate(authorization)
+        auth.authorize(principal, Permission.INFER, model)
+        body = await receive_body(receive)
+        body = codec.decompress(body, encoding, max_body_bytes)
+        decoded = codec.decode_infer_request(body, codec.parse_header_length(header_length, len(body)),
+                                             model=model, version=version)
+        timeout = _remaining(state, decoded.timeout_s)
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier)
         response = await dataplane.model_infer(
             decoded.request,
             principal=principal,
             timeout=timeout,
-            sticky_key=(headers.get(sticky_header) or None) if sticky_header else None,
+            sticky_key=sticky or None,
             metadata=tuple(carrier.items()),
         )
-        encoded = codec.encode_infer_response(response, decoded)
-        if encoded.header_length is None:
-            return Response(encoded.body, media_type=JSON)
-        return Response(
-            encoded.body,
-            media_type=OCTET_STREAM,
-            headers={"Inference-Header-Content-Length": str(encoded.header_length)},
-        )
+        return codec.encode_infer_response(response, decoded)
+
+    async def infer_route(request: Request, model: str, version: str) -> Response:
+        encoded = await infer(request.scope, request.receive, model, version)
+        return Response(encoded.body, headers=dict(infer_response_headers(encoded)))
 
     async def repository_index(request: Request) -> Response:
         principal = await principal_for(request, Permission.READ, None)
@@ -263,14 +285,14 @@ def build_oip_routes(
         router.add_api_route(base, bind(model_metadata), methods=["GET"], summary="Model metadata")
         router.add_api_route(base + "/ready", bind(model_ready), methods=["GET"], summary="Model ready")
         router.add_api_route(base + "/stats", bind(model_stats), methods=["GET"], summary="Model statistics")
-        router.add_api_route(base + "/infer", bind(infer), methods=["POST"], summary="Inference",
+        router.add_api_route(base + "/infer", bind(infer_route), methods=["POST"], summary="Inference",
                              openapi_extra=_INFER_BODY)
 
     router.add_api_route("/repository/index", repository_index, methods=["POST"], summary="Repository index",
                          openapi_extra=_INDEX_BODY)
 
-    async def infer_entry(request: Request, model: str, version: str) -> Response:
-        return await infer(request, model, _version(version) if version else "")
+    async def infer_entry(scope: dict, receive: Any, model: str, version: str) -> codec.EncodedResponse:
+        return await infer(scope, receive, model, _version(version) if version else "")
 
     return router, infer_entry
 
@@ -303,19 +325,22 @@ class InferFastPath:
                 else:
                     model = version = None
                 if model is not None:
-                    request = Request(scope, receive)
                     try:
-                        response = await self._infer(request, model, version)
+                        encoded = await self._infer(scope, receive, model, version)
                     except Exception as exc:  # noqa: BLE001 - mapped exactly as the app's handlers do
-                        response = self._on_error(request, exc)
-                    await response(scope, receive, send)
+                        await self._on_error(Request(scope, receive), exc)(scope, receive, send)
+                        return
+                    headers = [(key.encode(), value.encode()) for key, value in infer_response_headers(encoded)]
+                    headers.append((b"content-length", str(len(encoded.body)).encode()))
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
+                    await send({"type": "http.response.body", "body": encoded.body})
                     return
         await self.app(scope, receive, send)
 
 
-def _remaining(request: Request, requested: float | None) -> float | None:
+def _remaining(state: dict, requested: float | None) -> float | None:
     """Seconds left for the data plane call: the edge deadline, shortened by the request's own timeout."""
-    deadline = request.scope.get("state", {}).get(REQUEST_DEADLINE_STATE)
+    deadline = state.get(REQUEST_DEADLINE_STATE)
     loop_time = asyncio.get_running_loop().time()
     remaining = None if deadline is None else deadline - loop_time
     if requested is not None:
