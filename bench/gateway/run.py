@@ -70,12 +70,19 @@ def target_entry(measured_p50_ratio: float | None) -> dict:
     }
 
 
-def merge_rounds(rounds: list[tuple[list[float], float, int]]) -> dict:
-    """One summary from several measured rounds of (latencies, elapsed seconds, errors)."""
+def merge_rounds(rounds: list[tuple]) -> dict:
+    """One summary from several measured rounds of (latencies, elapsed seconds, errors[, CPU seconds
+    per process]); CPU becomes µs per answered request, per process."""
     latencies = [value for round_ in rounds for value in round_[0]]
     elapsed = sum(round_[1] for round_ in rounds)
     errors = sum(round_[2] for round_ in rounds)
-    return latency_summary(latencies, elapsed_s=elapsed, errors=errors)
+    summary = latency_summary(latencies, elapsed_s=elapsed, errors=errors)
+    cpu_rounds = [round_[3] for round_ in rounds if len(round_) > 3 and round_[3]]
+    if cpu_rounds and latencies:
+        summary["cpu_us_per_request"] = {
+            name: round(sum(cpu[name] for cpu in cpu_rounds) / len(latencies) * 1e6, 1) for name in cpu_rounds[0]
+        }
+    return summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,13 +143,32 @@ class ModeClient:
         self.client.close()
 
 
-def sequential(mode: str, node: str, http: tuple[str, str], requests: int, warmup: int) -> tuple[list[float], float, int]:
+def process_cpu_probe(pid: int | None = None):
+    """A callable giving the CPU seconds (user + system, all threads) used so far by process `pid`
+    (this process when None)."""
+    import psutil
+
+    process = psutil.Process(pid)
+
+    def cpu_seconds() -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    return cpu_seconds
+
+
+def sequential(mode: str, node: str, http: tuple[str, str], requests: int, warmup: int,
+               cpu_probes: dict | None = None) -> tuple[list[float], float, int, dict[str, float]]:
+    """`requests` calls back to back: (latencies, elapsed seconds, errors, CPU seconds each probed
+    process spent meanwhile)."""
     client = ModeClient(mode, node, http)
+    probes = cpu_probes or {}
     try:
         for _ in range(warmup):
             client.call()
         latencies, errors = [], 0
         perf = time.perf_counter
+        cpu_before = {name: probe() for name, probe in probes.items()}
         started = perf()
         for _ in range(requests):
             t0 = perf()
@@ -152,7 +178,9 @@ def sequential(mode: str, node: str, http: tuple[str, str], requests: int, warmu
                 errors += 1
                 continue
             latencies.append(perf() - t0)
-        return latencies, perf() - started, errors
+        elapsed = perf() - started
+        cpu = {name: probe() - cpu_before[name] for name, probe in probes.items()}
+        return latencies, elapsed, errors, cpu
     finally:
         client.close()
 
@@ -267,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             log("gateway started; deploying the model")
             http, node = ready.get(timeout=180)
             log(f"gateway REST at {http[0]}, gRPC at {http[1]}; node gRPC at {node}")
-            report = measure(args, node, http, edge)
+            cpu_probes = {"client": process_cpu_probe(), "gateway": process_cpu_probe(gateway.pid),
+                          "node": process_cpu_probe(mesh.nodes["node-a"].process.pid)}
+            report = measure(args, node, http, edge, cpu_probes)
         finally:
             if gateway is not None:
                 stop.set()
@@ -284,15 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(args: argparse.Namespace, node: str, http: tuple[str, str], edge: dict) -> dict:
+def measure(args: argparse.Namespace, node: str, http: tuple[str, str], edge: dict,
+            cpu_probes: dict | None = None) -> dict:
     seq_rounds: dict[str, list] = {mode: [] for mode in args.modes}
     conc_rounds: dict[str, list] = {mode: [] for mode in args.modes}
     for round_index in range(args.rounds):
         order = args.modes if round_index % 2 == 0 else tuple(reversed(args.modes))
         for mode in order:
-            seq_rounds[mode].append(sequential(mode, node, http, args.requests, warmup=50))
+            seq_rounds[mode].append(sequential(mode, node, http, args.requests, warmup=50, cpu_probes=cpu_probes))
             summary = merge_rounds([seq_rounds[mode][-1]])
-            log(f"round {round_index + 1} sequential {mode}: p50 {summary['p50_ms']} ms, {summary['rps']} req/s")
+            log(f"round {round_index + 1} sequential {mode}: p50 {summary['p50_ms']} ms, {summary['rps']} req/s, "
+                f"CPU µs/request {summary.get('cpu_us_per_request')}")
         for mode in order:
             conc_rounds[mode].append(concurrent(mode, node, http, args.clients, args.seconds))
             summary = merge_rounds([conc_rounds[mode][-1]])
@@ -398,9 +430,11 @@ def edge_cpu_us(requests: int = 2000, repeats: int = 5) -> dict:
 
 def headline(report: dict) -> str:
     seq, conc = report["sequential"], report["concurrent"]
-    lines = ["mode          seq p50 ms  seq req/s  conc req/s"]
+    lines = ["mode          seq p50 ms  seq req/s  conc req/s  CPU µs/request (sequential)"]
     for mode in (mode for mode in MODES if mode in seq):
-        lines.append(f"{mode:<13} {seq[mode]['p50_ms']!s:>10} {seq[mode]['rps']!s:>10} {conc[mode]['rps']!s:>11}")
+        cpu = seq[mode].get("cpu_us_per_request") or {}
+        cpu_text = ", ".join(f"{name} {value}" for name, value in cpu.items())
+        lines.append(f"{mode:<13} {seq[mode]['p50_ms']!s:>10} {seq[mode]['rps']!s:>10} {conc[mode]['rps']!s:>11}  {cpu_text}")
     r = seq["ratios"]
     lines.append(f"p50 ratio vs direct gRPC: rest_binary {r['rest_binary_p50_over_grpc']}x, rest_json "
                  f"{r['rest_json_p50_over_grpc']}x, gRPC through the gateway {r['grpc_gateway_p50_over_grpc']}x")

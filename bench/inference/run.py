@@ -5,6 +5,8 @@ All figures come from one run on one machine, each next to its baseline:
   (a) sequential single-client `tritonclient.grpc` req/s and latency, batch 1: AIMaaS vs MLServer
       1.7.1 (own virtualenv, minimal onnxruntime runtime in bench/inference/mlserver_runtime/);
       target aimaas/mlserver >= 2x;
+  (a') in the same rounds, a bare grpc.aio servicer that answers ModelInfer with a prepared response
+      (bench/inference/ceiling_server.py): the most the Python gRPC stack allows on this machine;
   (b) 64 concurrent closed-loop clients (tritonclient.grpc.aio), batch-1 requests: AIMaaS with
       dynamic batching on vs off (two server processes); target on/off >= 3x;
   (c) server overhead per request: AIMaaS p50 latency from (a) minus in-process ONNX Runtime p50 at
@@ -249,6 +251,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results/inference.json"))
     parser.add_argument("--mlserver-venv", type=pathlib.Path, default=bench_servers.DEFAULT_MLSERVER_VENV)
     parser.add_argument("--skip-mlserver", action="store_true", help="AIMaaS-side figures only")
+    parser.add_argument("--skip-ceiling", action="store_true", help="no bare grpc.aio ceiling server in (a)")
     parser.add_argument("--requests", type=int, help="sequential measured requests per server (default 3000; quick 300)")
     parser.add_argument("--warmup-requests", type=int, help="sequential warm-up requests per server (default 500; quick 50)")
     parser.add_argument("--rounds", type=int, help="alternating measurement rounds (default 3; quick 1)")
@@ -308,12 +311,18 @@ def main(argv: list[str] | None = None) -> int:
         on = bench_servers.aimaas_server("aimaas-batching-on", repository, workdir, batching=True, **batching_env)
         off = bench_servers.aimaas_server("aimaas-batching-off", repository, workdir, batching=False, **batching_env)
         started = {}
-        for server in (on, off):
-            stack.enter_context(server)
+        ceiling = None if args.skip_ceiling else bench_servers.ceiling_server(workdir)
+        for server in (on, off, ceiling):
+            if server is not None:
+                stack.enter_context(server)
         for server in (on, off):
             started[server.name] = round(server.wait_ready(bench_model.MODEL_NAME, bench_model.MODEL_VERSION), 2)
             server.wait_ready(bench_model.BATCHING_MODEL_NAME, bench_model.MODEL_VERSION)
             log(f"{server.name} ready on {server.url} after {started[server.name]} s")
+        if ceiling is not None:
+            # It says ready for any model: the wait is only for its port.
+            started[ceiling.name] = round(ceiling.wait_ready(bench_model.MODEL_NAME, bench_model.MODEL_VERSION), 2)
+            log(f"{ceiling.name} ready on {ceiling.url} after {started[ceiling.name]} s")
 
         mlserver = None
         mlserver_error = None
@@ -336,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         # ---- (a) sequential, alternating rounds
         sample = bench_model.sample_input(1, seed=42)
         expected = bench_model_run(data, sample)
-        seq_servers = [on, off] + ([mlserver] if mlserver else [])
+        seq_servers = [server for server in (on, off, ceiling, mlserver) if server is not None]
         clients = {server.name: SequentialClient(server.url, sample) for server in seq_servers}
         seq_lat = {server.name: [] for server in seq_servers}
         seq_elapsed = dict.fromkeys(clients, 0.0)
@@ -346,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for server in seq_servers:
                 got = clients[server.name].infer_once()
-                correct[server.name] = bool(got is not None and got.shape == expected.shape
-                                            and np.allclose(got, expected, rtol=1e-5, atol=1e-6))
+                if server is not ceiling:  # the ceiling runs no model: its zeros are not an answer to check
+                    correct[server.name] = bool(got is not None and got.shape == expected.shape
+                                                and np.allclose(got, expected, rtol=1e-5, atol=1e-6))
                 clients[server.name].run(args.warmup_requests)
             per_round = max(1, args.requests // args.rounds)
             for round_index in range(args.rounds):
@@ -371,12 +381,19 @@ def main(argv: list[str] | None = None) -> int:
             if seq_errors[server.name]:
                 summary["error_samples"] = sorted(set(seq_errors[server.name]))[:5]
             summary["server_cpu_us_per_request"] = round(seq_cpu[server.name] / max(1, len(seq_lat[server.name])) * 1e6, 1)
-            summary["output_matches_in_process"] = correct[server.name]
+            if server.name in correct:
+                summary["output_matches_in_process"] = correct[server.name]
             return summary
 
         aimaas_seq = seq_summary(on)
         aimaas_seq_off = seq_summary(off)
         mlserver_seq = seq_summary(mlserver) if mlserver else None
+        ceiling_seq = None if ceiling is None else {
+            **seq_summary(ceiling),
+            "what": ("bench/inference/ceiling_server.py: a grpc.aio GRPCInferenceService servicer on uvloop whose "
+                     "ModelInfer returns one response prepared at start (no model, no validation, no interceptors); "
+                     "same client and rounds"),
+        }
         seq_ratio = ratio(aimaas_seq["rps"], mlserver_seq and mlserver_seq["rps"])
         report["sequential"] = {
             "what": "one synchronous tritonclient.grpc client, one request in flight, batch 1, FP32 [1,64] as raw contents",
@@ -392,9 +409,13 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_rps_aimaas_over_mlserver": seq_ratio,
             "ratio_rps_aimaas_batching_off_over_mlserver": ratio(aimaas_seq_off["rps"], mlserver_seq and mlserver_seq["rps"]),
             "ratio_p50_latency_mlserver_over_aimaas": ratio(mlserver_seq and mlserver_seq["p50_ms"], aimaas_seq["p50_ms"]),
+            "grpc_aio_ceiling": ceiling_seq,
+            "ratio_rps_ceiling_over_mlserver": ratio(ceiling_seq and ceiling_seq["rps"], mlserver_seq and mlserver_seq["rps"]),
+            "aimaas_fraction_of_ceiling": ratio(aimaas_seq["rps"], ceiling_seq and ceiling_seq["rps"]),
         }
-        if mlserver is not None:
-            mlserver.stop()  # (b) involves AIMaaS only: give it the whole machine.
+        for server in (mlserver, ceiling):
+            if server is not None:
+                server.stop()  # (b) involves AIMaaS only: give it the whole machine.
 
         # ---- (b) concurrent, batching on vs off, alternating rounds
         rounds: dict[str, list[dict]] = {on.name: [], off.name: []}
@@ -478,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
 def headline(report: dict) -> str:
     """A few lines to paste into a note: every figure next to its baseline."""
     seq, conc, over, targets = report["sequential"], report["concurrent"], report["server_overhead"], report["targets"]
-    ml = seq["mlserver"]
+    ml, ceiling = seq["mlserver"], seq["grpc_aio_ceiling"]
 
     def verdict(name: str) -> str:
         met = targets[name]["met"]
@@ -489,6 +510,11 @@ def headline(report: dict) -> str:
         f"p99 {seq['aimaas']['p99_ms']} ms) vs MLServer "
         + (f"{ml['rps']} req/s (p50 {ml['p50_ms']} ms, p99 {ml['p99_ms']} ms)" if ml else f"n/a ({(seq['mlserver_error'] or '').splitlines()[0]})")
         + f" → {seq['ratio_rps_aimaas_over_mlserver']}x (target >= 2x: {verdict('sequential_vs_mlserver')})",
+        "(a') stack ceiling: " + (
+            f"a bare grpc.aio servicer with a prepared response {ceiling['rps']} req/s (p50 {ceiling['p50_ms']} ms) → "
+            + (f"{seq['ratio_rps_ceiling_over_mlserver']}x MLServer" if ml else "MLServer n/a")
+            + f"; AIMaaS reaches {seq['aimaas_fraction_of_ceiling']} of it"
+            if ceiling else "not measured (--skip-ceiling)"),
         f"(b) {conc['clients']} clients: batching on {conc['batching_on']['rps']} req/s (p50 {conc['batching_on']['p50_ms']} ms, "
         f"p99 {conc['batching_on']['p99_ms']} ms) vs off {conc['batching_off']['rps']} req/s (p50 {conc['batching_off']['p50_ms']} ms, "
         f"p99 {conc['batching_off']['p99_ms']} ms) → {conc['ratio_rps_on_over_off']}x (target >= 3x: {verdict('batching_on_vs_off')})",

@@ -1,4 +1,5 @@
-"""Server processes under test: an AIMaaS inference node and MLServer, each on free loopback ports.
+"""Server processes under test: an AIMaaS inference node, MLServer and the bare grpc.aio ceiling
+servicer (bench/inference/ceiling_server.py), each on free loopback ports.
 
 Every process is started in its own session (process group) and stopped with SIGTERM, then
 SIGKILL after a grace period, so nothing outlives the bench (use as context managers).
@@ -15,6 +16,7 @@ import time
 
 import psutil
 
+from services.common.grpc_core import prefer_epoll_io
 from tests.support.servers import free_port
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -147,6 +149,17 @@ def aimaas_server(name: str, repository: pathlib.Path, workdir: pathlib.Path, *,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")])),
     })
     argv = [sys.executable, "-m", "services.inference", "--model-repository", str(repository)]
+    return ServerProcess(name, argv, env, port, workdir / f"{name}.log", cwd=REPO_ROOT)
+
+
+def ceiling_server(workdir: pathlib.Path, name: str = "grpc-aio-ceiling") -> ServerProcess:
+    """The bare grpc.aio servicer with a prepared response: what the Python stack allows at best
+    (with gRPC core's I/O chosen as the node's entry point chooses it)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIMAAS_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    prefer_epoll_io(env)
+    argv = [sys.executable, "-m", "bench.inference.ceiling_server", "--host", "127.0.0.1", "--port", str(port)]
     return ServerProcess(name, argv, env, port, workdir / f"{name}.log", cwd=REPO_ROOT)
 
 

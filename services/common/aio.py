@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import random
+import collections
 import contextlib
+import contextvars
+import random
+import sys
+import types
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -47,45 +51,157 @@ async def prefetch(source: AsyncIterable[T], depth: int) -> AsyncIterator[T]:
             await reader
 
 
-async def completion_order(requests: AsyncIterable[T], handle: Callable[[T], Awaitable[R]]) -> AsyncIterator[R]:
-    """Run `handle` on every item of a request stream concurrently and yield each result as soon as
-    it is ready (completion order, not arrival order); once the stream ends, wait for the rest.
+def start_eagerly(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+    """Run `coro` at once up to its first suspension, the rest as a task: Python 3.12's eager tasks.
+
+    Work that completes without waiting (a small model executed inline, a message handed to gRPC)
+    then costs no task and no trip through the event loop (~25 µs on a busy 2-core host). As in a
+    task, the coroutine runs in its own copy of the current context, so whatever it sets there (an
+    attached trace span) never leaks into the caller's. Before 3.12, `asyncio.current_task()`
+    during the first step is still the caller's task: code that cancels "the current task" (such
+    as `asyncio.timeout`) must not run before the coroutine's first suspension.
+    """
+    loop = asyncio.get_running_loop()
+    if sys.version_info >= (3, 12):
+        return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg]
+    context = contextvars.copy_context()
+    try:
+        awaited = context.run(coro.send, None)
+    except StopIteration as done:
+        future = loop.create_future()
+        future.set_result(done.value)
+        return future
+    except asyncio.CancelledError:
+        future = loop.create_future()
+        future.cancel()
+        return future
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - kept in the future, as a task would
+        future = loop.create_future()
+        future.set_exception(exc)
+        return future
+    return loop.create_task(_resumed(coro, awaited), context=context)
+
+
+@types.coroutine
+def _resumed(coro: Coroutine[Any, Any, T], awaited: Any) -> Any:
+    # The task waits on what `coro` awaits; each resumption (a send, or a throw such as a
+    # cancellation) goes on to `coro` where it is suspended.
+    while True:
+        try:
+            value = yield awaited
+        except BaseException as exc:  # noqa: BLE001 - thrown in by the task, handed to the coroutine
+            try:
+                awaited = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+            continue
+        try:
+            awaited = coro.send(value)
+        except StopIteration as done:
+            return done.value
+
+
+class SerialWriter(Generic[T]):
+    """Writes items with `write` one at a time and in order, never in a sender's task.
+
+    gRPC allows one write in flight per call, and cancelling a write cancels the whole call: senders
+    hand items over with `send` and do not wait. An item sent while nothing is being written starts
+    at once (`start_eagerly`); the rest of that write and the items sent meanwhile go on in one
+    writer task. A failed write goes to `on_error` and the items still waiting are dropped.
+    """
+
+    def __init__(self, write: Callable[[T], Awaitable[Any]], on_error: Callable[[Exception], None]) -> None:
+        self._write = write
+        self._on_error = on_error
+        self._waiting: collections.deque[T] = collections.deque()
+        self._writer: asyncio.Future[None] | None = None
+
+    def send(self, item: T) -> None:
+        self._waiting.append(item)
+        if self._writer is None or self._writer.done():
+            self._writer = start_eagerly(self._drain())
+        # else: the writer takes it after the write in flight.
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                await self._write(self._waiting.popleft())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported to the owner, who ends the stream
+            self._waiting.clear()
+            self._on_error(exc)
+
+    async def flush(self) -> None:
+        """Return when everything sent so far is written (or dropped after a failed write)."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.wait({self._writer})  # never cancels the write, even if we are cancelled
+
+    async def close(self) -> None:
+        """Drop what is waiting and cancel the write in flight."""
+        self._waiting.clear()
+        writer = self._writer
+        if writer is not None and not writer.done():
+            writer.cancel()
+            await asyncio.wait({writer})
+
+
+async def answer_concurrently(
+    requests: AsyncIterable[T], handle: Callable[[T], Awaitable[R]], write: Callable[[R], Awaitable[Any]]
+) -> None:
+    """Run `handle` on every item of a request stream concurrently and `write` each result as soon
+    as it is ready (completion order, one write at a time); once the stream ends, wait for the rest.
 
     For bidirectional streams whose requests are independent (Open Inference Protocol streaming:
-    responses are matched by id, and concurrent requests can share a batch). An exception of
-    `handle` or of the stream ends the iteration with it; closing the consumer cancels everything.
+    responses are matched by id, and concurrent requests can share a batch); `write` is the call's
+    `context.write`. Each handler starts eagerly: one that needs no waiting (a small model executed
+    inline) has its answer on the wire before the next request is read, with no task and no trip
+    through the event loop on the way. An exception of `handle`, of `write` or of the stream ends
+    the call with it; cancelling the call cancels every handler.
     """
-    results: asyncio.Queue[object] = asyncio.Queue()
-    tasks: set[asyncio.Task[None]] = set()
+    failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def fail(exc: BaseException) -> None:
+        if not failure.done():
+            failure.set_exception(exc)
+
+    writer: SerialWriter[R] = SerialWriter(write, fail)
+    handlers: set[asyncio.Future[None]] = set()
 
     async def run(request: T) -> None:
-        # put_nowait: the queue is unbounded (the stream's own flow control bounds the requests).
         try:
-            results.put_nowait(await handle(request))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            results.put_nowait(exc)
+            writer.send(await handle(request))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ends the call, see below
+            fail(exc)
 
     async def read() -> None:
-        try:
-            async for request in requests:
-                task = asyncio.create_task(run(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.wait(set(tasks))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            await results.put(exc)
-        await results.put(_END)
+        async for request in requests:
+            handler = start_eagerly(run(request))
+            if not handler.done():
+                handlers.add(handler)
+                handler.add_done_callback(handlers.discard)
+        while handlers:
+            await asyncio.wait(set(handlers))
+        await writer.flush()
 
-    reader = asyncio.create_task(read())
+    reader = asyncio.ensure_future(read())
     try:
-        while (item := await results.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
+        await asyncio.wait((reader, failure), return_when=asyncio.FIRST_COMPLETED)
+        if failure.done():
+            failure.result()
+        reader.result()
     finally:
-        for task in (reader, *tasks):
-            task.cancel()
+        for future in (reader, *handlers):
+            future.cancel()
+        await writer.close()
+        if failure.done():
+            failure.exception()  # retrieved: a failure after the reader's own error is not logged as lost
+        else:
+            failure.cancel()
 
 
 class Backoff:

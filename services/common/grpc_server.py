@@ -4,6 +4,7 @@ graceful shutdown on SIGTERM (NOT_SERVING, shutdown hooks such as deregistration
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -90,12 +91,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream),
+                self._wrap_responses(method, handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(method, handler.stream_stream),
+            self._wrap_responses(method, handler.stream_stream),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -133,6 +134,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return response
 
         return wrapper
+
+    def _wrap_responses(self, method: str, behavior):
+        # A streaming handler either yields its responses (an async generator) or writes them with
+        # context.write and returns (a coroutine, awaited like a unary one).
+        if inspect.iscoroutinefunction(behavior):
+            return self._wrap_unary(method, behavior)
+        return self._wrap_stream(method, behavior)
 
     def _wrap_stream(self, method: str, behavior):
         async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext):

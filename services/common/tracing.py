@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
+import grpc
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -29,7 +32,7 @@ class Telemetry:
             return []
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-        return [aio_server_interceptor(tracer_provider=self.provider)]
+        return [aio_server_interceptor(tracer_provider=self.provider), _WritingStreamsAsGenerators()]
 
     def client_interceptors(self) -> list:
         if not self.exporting:
@@ -65,3 +68,27 @@ def setup_telemetry(
     for processor in extra_processors or ():
         provider.add_span_processor(processor)
     return Telemetry(provider=provider, service_name=service_name, exporting=exporting)
+
+
+class _WritingStreamsAsGenerators(grpc.aio.ServerInterceptor):
+    """Presents streaming handlers that write with `context.write` (a coroutine, such as
+    ModelStreamInfer with services.common.aio.answer_concurrently) as async generators that yield
+    nothing: OpenTelemetry's aio server interceptor, which sits right outside this one, can only
+    wrap generators. The writes still go through the context it passes down."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.response_streaming:
+            return handler
+        behavior = handler.unary_stream or handler.stream_stream
+        if not inspect.iscoroutinefunction(behavior):
+            return handler
+
+        async def as_generator(request_or_iterator: Any, context: grpc.aio.ServicerContext):
+            await behavior(request_or_iterator, context)
+            return
+            yield  # an async generator with no items
+
+        make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        return make(as_generator, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)

@@ -24,7 +24,7 @@ from aimaas.scheduler.v1 import scheduler_pb2
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc
 from services.common import oip_stream
-from services.common.aio import completion_order
+from services.common.aio import answer_concurrently
 from services.common.auth import Permission, current_principal
 from services.common.errors import FailedPrecondition, NotFound, ResourceExhausted
 from services.gateway.dataplane import GatewayDataPlane
@@ -191,9 +191,7 @@ class GatewayInferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServ
                 ),
             )
 
-    async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context) -> None:
         # As on a node: requests of one stream run concurrently, each answered when done (matched by
         # id); errors travel in-band and the stream stays open.
         principal = current_principal()
@@ -212,8 +210,7 @@ class GatewayInferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServ
             except Exception as exc:  # noqa: BLE001 - in-band error, the stream stays open
                 return oip_stream.error_response(request, exc, self._log)
 
-        async for response in completion_order(request_iterator, answer):
-            yield response
+        await answer_concurrently(request_iterator, answer, context.write)
 
     @staticmethod
     async def _call(context: grpc.aio.ServicerContext, work):

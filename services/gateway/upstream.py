@@ -18,6 +18,7 @@ from aimaas.scheduler.v1 import scheduler_pb2_grpc
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common import oip_stream
+from services.common.aio import SerialWriter
 from services.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from services.gateway.routing import Route, RoutingWatcher
 
@@ -42,10 +43,12 @@ class NodeStream:
     (services.common.oip_stream). The extra fields are appended to the serialized request, which
     protobuf merges over the caller's values, so the caller's message is never touched.
 
-    Writes go through one writer task: cancelling a write would cancel the whole call, and a caller
-    whose client went away must not take the other callers' requests down with it. When the stream
-    ends for any reason, every request still waiting on it fails with UNAVAILABLE (so it is retried
-    on another replica) and the stream is `closed`; the owner opens a new one for the next request.
+    Writes go through a SerialWriter (one at a time, never in a caller's task: cancelling a write
+    would cancel the whole call, and a caller whose client went away must not take the other
+    callers' requests down with it); a request that finds no write in flight is handed to gRPC at
+    once. When the stream ends for any reason, every request still waiting on it fails with
+    UNAVAILABLE (so it is retried on another replica) and the stream is `closed`; the owner opens a
+    new one for the next request.
     """
 
     def __init__(self, channel: grpc.aio.Channel, address: str) -> None:
@@ -55,10 +58,11 @@ class NodeStream:
         )()
         self._pending: dict[str, asyncio.Future[pb.ModelInferResponse]] = {}
         self._ids = itertools.count()
-        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._writer: SerialWriter[tuple[str, bytes]] = SerialWriter(
+            self._write, lambda exc: self._close(f"write failed: {_describe(exc)}")
+        )
         self.closed = False
-        loop = asyncio.get_running_loop()
-        self._tasks = (loop.create_task(self._write_loop()), loop.create_task(self._read_loop()))
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
 
     @property
     def pending(self) -> int:
@@ -81,7 +85,7 @@ class NodeStream:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[pb.ModelInferResponse] = loop.create_future()
         self._pending[key] = future
-        self._outbox.put_nowait((key, request.SerializeToString() + extra.SerializeToString()))
+        self._writer.send((key, request.SerializeToString() + extra.SerializeToString()))
         timer = loop.call_later(timeout, self._expire, key)
         try:
             response = await future
@@ -98,18 +102,12 @@ class NodeStream:
                 rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"node {self._address} did not answer within the deadline")
             )
 
-    async def _write_loop(self) -> None:
-        try:
-            while True:
-                key, message = await self._outbox.get()
-                # A node that stopped reading holds the writes up; requests that expired (or whose
-                # caller left) meanwhile are not sent at all.
-                if key in self._pending:
-                    await self._call.write(message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the stream is gone; the reader reports why
-            self._close(f"write failed: {_describe(exc)}")
+    async def _write(self, item: tuple[str, bytes]) -> None:
+        key, message = item
+        # A node that stopped reading holds the writes up; requests that expired (or whose caller
+        # left) meanwhile are not sent at all.
+        if key in self._pending:
+            await self._call.write(message)
 
     async def _read_loop(self) -> None:
         reason = "the node ended the stream"
@@ -146,9 +144,9 @@ class NodeStream:
 
     async def close(self) -> None:
         self._close("the gateway closed the stream")
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._reader.cancel()
+        await self._writer.close()
+        await asyncio.gather(self._reader, return_exceptions=True)
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,6 +1,14 @@
 """`python -m services.inference` / `aimaas-inference`: run an inference node (see app.main)."""
 
-from services.inference.app import main
+from services.common.grpc_core import prefer_epoll_io
+
+
+def main() -> None:
+    prefer_epoll_io()  # before anything imports grpcio: gRPC core reads it once, at import
+    from services.inference.app import main as run
+
+    run()
+
 
 if __name__ == "__main__":
     main()

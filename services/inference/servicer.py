@@ -17,7 +17,7 @@ from opentelemetry.trace import SpanKind, Tracer
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc
 from services.common import oip_stream
-from services.common.aio import completion_order
+from services.common.aio import answer_concurrently
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.inference.dataplane import DataPlane, ModelState
 from services.inference.repository import ModelRepository
@@ -81,9 +81,7 @@ class InferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
         deadline = oip_stream.request_deadline(request, asyncio.get_running_loop().time(), self._deadline(context))
         return await self._data_plane.infer(request, deadline=deadline)
 
-    async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context) -> None:
         # Requests of one stream run concurrently (so they can share batches); each response goes
         # out when ready, matched to its request by id, as in Triton. A request's own deadline and
         # trace parent may come in its parameters (services.common.oip_stream: a gateway multiplexes
@@ -106,8 +104,7 @@ class InferenceServicer(grpc_predict_v2_pb2_grpc.GRPCInferenceServiceServicer):
             except Exception as exc:  # noqa: BLE001 - in-band error, the stream stays open
                 return oip_stream.error_response(request, exc, self._log)
 
-        async for response in completion_order(request_iterator, answer):
-            yield response
+        await answer_concurrently(request_iterator, answer, context.write)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=self._data_plane.config(request.name, request.version))

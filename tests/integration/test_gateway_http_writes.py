@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -137,13 +138,13 @@ async def server():
         await running.stop()
 
 
-def _exchange(port: int, request: bytes, until: bytes, timeout: float = 5.0) -> tuple[bytes, float]:
-    """Send `request`; read until `until` has arrived; the bytes and the seconds it took."""
+def _exchange(port: int, request: bytes, until: Callable[[bytes], bool], timeout: float = 5.0) -> tuple[bytes, float]:
+    """Send `request`; read until `until(data so far)`; the bytes and the seconds it took."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         started = time.monotonic()
         sock.sendall(request)
         data = b""
-        while until not in data:
+        while not until(data):
             chunk = sock.recv(65536)
             if not chunk:
                 break
@@ -153,15 +154,21 @@ def _exchange(port: int, request: bytes, until: bytes, timeout: float = 5.0) -> 
 
 async def test_keep_alive_responses_and_head_requests_arrive_whole(server):
     request = b"GET /small HTTP/1.1\r\nhost: x\r\n\r\n" * 3 + b"HEAD /small HTTP/1.1\r\nhost: x\r\n\r\n"
-    data, _ = await asyncio.to_thread(_exchange, server.port, request, b'{"ok":true}' * 3)
-    assert data.count(b"HTTP/1.1 200 OK\r\n") >= 3
-    data, _ = await asyncio.to_thread(_exchange, server.port, b"HEAD /small HTTP/1.1\r\nhost: x\r\n\r\n", b"\r\n\r\n")
+    # Four responses on one connection: three with a body, then the HEAD one (headers only).
+    data, _ = await asyncio.to_thread(
+        _exchange, server.port, request, lambda data: data.count(b"HTTP/1.1 200 OK\r\n") == 4 and data.endswith(b"\r\n\r\n")
+    )
+    assert data.count(b'{"ok":true}') == 3
+    parts = data.split(b"\r\n\r\n")  # each body is followed by the next response's status line
+    assert all(part.startswith(b'{"ok":true}HTTP/1.1 200 OK\r\n') for part in parts[1:4]) and parts[4] == b""
+    data, _ = await asyncio.to_thread(_exchange, server.port, b"HEAD /small HTTP/1.1\r\nhost: x\r\n\r\n",
+                                      lambda data: b"\r\n\r\n" in data)
     assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"\r\n\r\n")
 
 
 async def test_an_event_stream_gets_its_headers_before_its_first_event(server):
     request = b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n"
-    head, seconds = await asyncio.to_thread(_exchange, server.port, request, b"\r\n\r\n")
+    head, seconds = await asyncio.to_thread(_exchange, server.port, request, lambda data: b"\r\n\r\n" in data)
     assert b"text/event-stream" in head
     assert b"data: late" not in head
     assert seconds < BODY_DELAY * 0.8

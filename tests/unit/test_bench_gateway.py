@@ -5,10 +5,12 @@ No servers are started here; `python -m bench.gateway.run --quick` is the smoke 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from bench.gateway.run import (
-    TARGET_REST_BINARY_P50_OVER_GRPC, headline, merge_rounds, parse_args, ratios, target_entry,
+    TARGET_REST_BINARY_P50_OVER_GRPC, headline, merge_rounds, parse_args, process_cpu_probe, ratios, target_entry,
 )
 
 
@@ -52,6 +54,22 @@ def test_merge_rounds_pools_latencies_time_and_errors():
     assert merged["mean_ms"] == pytest.approx(2.0)
 
 
+def test_merge_rounds_turns_process_cpu_into_microseconds_per_request():
+    merged = merge_rounds([([0.001] * 10, 0.5, 0, {"gateway": 0.002, "node": 0.001}),
+                           ([0.001] * 30, 0.5, 0, {"gateway": 0.006, "node": 0.003})])
+    assert merged["cpu_us_per_request"] == {"gateway": 200.0, "node": 100.0}
+    assert "cpu_us_per_request" not in merge_rounds([([0.001], 0.1, 0)])
+
+
+def test_process_cpu_probe_counts_this_process_work():
+    probe = process_cpu_probe()
+    before = probe()
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    assert probe() - before >= 0.04
+
+
 def test_headline_prints_every_mode_and_the_ratio():
     side = {"p50_ms": 1.0, "rps": 100.0}
     modes = {"grpc_direct": side, "grpc_gateway": side, "rest_binary": side, "rest_json": side}
@@ -61,8 +79,9 @@ def test_headline_prints_every_mode_and_the_ratio():
         "edge_cpu_us": {"best_us": 90.0},
         "targets": {"rest_binary_p50_vs_grpc": target_entry(1.0)},
     }
+    report["sequential"]["rest_binary"] = {**side, "cpu_us_per_request": {"gateway": 321.5}}
     text = headline(report)
-    assert "rest_binary 1.0x" in text and "met=True" in text and "90.0 µs" in text
+    assert "rest_binary 1.0x" in text and "met=True" in text and "90.0 µs" in text and "gateway 321.5" in text
 
 
 def test_parse_args_quick_defaults():

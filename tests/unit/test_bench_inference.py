@@ -1,6 +1,7 @@
-"""Pure pieces of bench/inference: percentiles, summaries, report schema, model, MLServer files.
+"""Pure pieces of bench/inference: percentiles, summaries, report schema, model, MLServer files,
+plus the bare grpc.aio ceiling server as a real process.
 
-No servers are started here; `python -m bench.inference.run --quick` is the smoke run.
+No AIMaaS node or MLServer is started here; `python -m bench.inference.run --quick` is the smoke run.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import onnx
 import pytest
 
 from bench.inference import model as bench_model
+from bench.inference import servers as bench_servers
 from bench.inference.run import headline, parse_args
 from bench.inference.stats import (
-    call_summary, latency_summary, overhead_section, percentile, ratio, targets_section, validate_report,
+    SCHEMA_VERSION, call_summary, latency_summary, overhead_section, percentile, ratio, targets_section,
+    validate_report,
 )
 
 
@@ -88,15 +91,18 @@ def test_overhead_is_p50_minus_in_process() -> None:
 def _report(**overrides) -> dict:
     seq = latency_summary([0.0002] * 10, 0.002)
     ml = latency_summary([0.001] * 10, 0.01)
+    ceiling = {**latency_summary([0.0001] * 10, 0.001), "what": "bare servicer"}
     report = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "benchmark": "inference",
         "quick": True,
         "machine": {"cpus": 2},
         "model": bench_model.describe(b"model"),
         "in_process_onnxruntime": {"per_batch": [{"batch": 1, **call_summary([5e-6])}]},
         "sequential": {"aimaas": seq, "mlserver": ml, "mlserver_error": None,
-                       "ratio_rps_aimaas_over_mlserver": ratio(seq["rps"], ml["rps"])},
+                       "ratio_rps_aimaas_over_mlserver": ratio(seq["rps"], ml["rps"]),
+                       "grpc_aio_ceiling": ceiling, "ratio_rps_ceiling_over_mlserver": ratio(ceiling["rps"], ml["rps"]),
+                       "aimaas_fraction_of_ceiling": ratio(seq["rps"], ceiling["rps"])},
         "concurrent": {"clients": 64, "batching_on": seq, "batching_off": ml, "ratio_rps_on_over_off": 5.0},
         "server_overhead": overhead_section(seq["p50_ms"], 5.0),
         "targets": targets_section(5.0, 5.0, 195.0, clients=64),
@@ -115,10 +121,22 @@ def test_validate_report_names_the_problems() -> None:
     report = _report()
     del report["targets"]
     assert validate_report(report) == ["missing or mistyped key 'targets'"]
-    report = _report(sequential={"aimaas": {}, "mlserver": None, "ratio_rps_aimaas_over_mlserver": None})
+    no_mlserver = {"aimaas": {}, "mlserver": None, "ratio_rps_aimaas_over_mlserver": None, "grpc_aio_ceiling": None,
+                   "ratio_rps_ceiling_over_mlserver": None, "aimaas_fraction_of_ceiling": None}
+    report = _report(sequential=no_mlserver)
     assert validate_report(report) == ["sequential.mlserver is null without sequential.mlserver_error"]
     report = _report(targets={"sequential_vs_mlserver": {"met": True, "measured": 2.0}})
     assert validate_report(report) == ["targets.batching_on_vs_off missing or incomplete"]
+
+
+def test_validate_report_checks_the_ceiling_fields() -> None:
+    report = _report()
+    report["sequential"]["grpc_aio_ceiling"] = None  # --skip-ceiling
+    assert validate_report(report) == []
+    report["sequential"]["grpc_aio_ceiling"] = {"rps": 1.0}
+    assert validate_report(report) == ["sequential.grpc_aio_ceiling has no rps or what"]
+    del report["sequential"]["aimaas_fraction_of_ceiling"]
+    assert "sequential.aimaas_fraction_of_ceiling missing" in validate_report(report)
 
 
 def test_model_is_the_example_mlp_with_a_dynamic_batch() -> None:
@@ -177,7 +195,7 @@ def test_mlserver_repository_files(tmp_path) -> None:
 def test_cli_defaults_full_and_quick() -> None:
     full = parse_args([])
     assert (full.requests, full.rounds, full.duration, full.clients) == (3000, 3, 10.0, 64)
-    assert str(full.out) == "bench/results/inference.json"
+    assert str(full.out) == "bench/results/inference.json" and full.skip_ceiling is False
     quick = parse_args(["--quick", "--out", "x.json"])
     assert (quick.requests, quick.rounds, quick.duration, quick.warmup_requests) == (300, 1, 2.0, 50)
     with pytest.raises(SystemExit):
@@ -187,13 +205,44 @@ def test_cli_defaults_full_and_quick() -> None:
 def test_headline_quotes_each_figure_with_its_baseline() -> None:
     text = headline(_report())
     lines = text.splitlines()
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert lines[0].startswith("(a) sequential batch 1: AIMaaS 5000.0 req/s") and "MLServer 1000.0 req/s" in lines[0]
     assert "5.0x (target >= 2x: met)" in lines[0]
-    assert "batching on 5000.0 req/s" in lines[1] and "off 1000.0 req/s" in lines[1]
-    assert "= 195.0 µs" in lines[2]
+    assert lines[1].startswith("(a') stack ceiling: a bare grpc.aio servicer with a prepared response 10000.0 req/s")
+    assert "→ 10.0x MLServer; AIMaaS reaches 0.5 of it" in lines[1]
+    assert "batching on 5000.0 req/s" in lines[2] and "off 1000.0 req/s" in lines[2]
+    assert "= 195.0 µs" in lines[3]
     missing = _report()
     missing["sequential"] = {**missing["sequential"], "mlserver": None, "mlserver_error": "not installed\ndetails",
                              "ratio_rps_aimaas_over_mlserver": None}
     missing["targets"] = targets_section(None, 5.0, 195.0, clients=64, mlserver_error="not installed")
     assert "MLServer n/a (not installed)" in headline(missing) and "not measured" in headline(missing)
+    assert "→ MLServer n/a; AIMaaS reaches 0.5 of it" in headline(missing)
+    skipped = _report()
+    skipped["sequential"] = {**skipped["sequential"], "grpc_aio_ceiling": None}
+    assert "(a') stack ceiling: not measured (--skip-ceiling)" in headline(skipped)
+
+
+def test_ceiling_server_answers_with_its_prepared_response(tmp_path) -> None:
+    import tritonclient.grpc as grpcclient
+
+    with bench_servers.ceiling_server(tmp_path) as server:
+        server.wait_ready(bench_model.MODEL_NAME, bench_model.MODEL_VERSION, timeout=30)
+        client = grpcclient.InferenceServerClient(server.url)
+        try:
+            infer_input = grpcclient.InferInput(bench_model.INPUT_NAME, [1, bench_model.FEATURES], "FP32")
+            infer_input.set_data_from_numpy(bench_model.sample_input(1))
+            result = client.infer(bench_model.MODEL_NAME, [infer_input], model_version=bench_model.MODEL_VERSION,
+                                  request_id="req-7", client_timeout=10)
+            plain = client.infer(bench_model.MODEL_NAME, [infer_input], client_timeout=10)
+        finally:
+            client.close()
+        output = result.as_numpy(bench_model.OUTPUT_NAME)
+        assert output.dtype == np.float32 and output.shape == (1, bench_model.CLASSES)
+        response = result.get_response()
+        assert response.id == "req-7"
+        assert (response.model_name, response.model_version) == (bench_model.MODEL_NAME, bench_model.MODEL_VERSION)
+        assert plain.get_response().id == ""  # the id of one request never leaks into the next
+        process = server.process
+    # SIGTERM ends it promptly (stop() waits at most its grace period before SIGKILL).
+    assert process.returncode == 0

@@ -4,6 +4,7 @@ the aimaas.auth.v1.AuthService servicer."""
 from __future__ import annotations
 
 import contextvars
+import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -218,6 +219,9 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
             return wrapper
 
         def unary_stream(behavior):
+            if inspect.iscoroutinefunction(behavior):  # writes with context.write: awaited like unary
+                return unary_request(behavior)
+
             async def wrapper(request: Any, context: grpc.aio.ServicerContext):
                 principal = await self._admit(context, permission)
                 await self._check_scope(context, principal, permission, fields, request)
@@ -230,8 +234,15 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
             return wrapper
 
         def stream_stream(behavior):
+            # Per-message model checks belong to the handler (e.g. ModelStreamInfer).
+            if inspect.iscoroutinefunction(behavior):  # writes with context.write (answer_concurrently)
+                async def writing(request_iterator: Any, context: grpc.aio.ServicerContext):
+                    _PRINCIPAL.set(await self._admit(context, permission))
+                    return await behavior(request_iterator, context)
+
+                return writing
+
             async def wrapper(request_iterator: Any, context: grpc.aio.ServicerContext):
-                # Per-message model checks belong to the handler (e.g. ModelStreamInfer).
                 _PRINCIPAL.set(await self._admit(context, permission))
                 async for response in behavior(request_iterator, context):
                     yield response
