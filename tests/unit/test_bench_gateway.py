@@ -64,10 +64,11 @@ def test_merge_rounds_turns_process_cpu_into_microseconds_per_request():
 def test_process_cpu_probe_counts_this_process_work():
     probe = process_cpu_probe()
     before = probe()
-    deadline = time.process_time() + 0.05
+    deadline = time.process_time() + 0.1
     while time.process_time() < deadline:
         pass
-    assert probe() - before >= 0.04
+    # psutil counts in clock ticks (10 ms here): allow for two of them.
+    assert probe() - before >= 0.075
 
 
 def test_headline_prints_every_mode_and_the_ratio():
