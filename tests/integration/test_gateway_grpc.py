@@ -226,6 +226,24 @@ async def test_auth_on_the_grpc_port(mesh):
                     await infer(token)
                 assert info.value.code() == code, (token, info.value.details())
                 assert text in info.value.details()
+            # Stream inference (a handler that writes with context.write) is admitted per call, and
+            # each request's model is checked in-band.
+            async def stream(token: str | None):
+                async def requests():
+                    request = _infer_request("scoped", np.zeros((1, 4)))
+                    request.id = "s1"
+                    yield request
+
+                metadata = bearer(token) if token else None
+                return [r async for r in stub.ModelStreamInfer(requests(), metadata=metadata, timeout=20)]
+
+            (answer,) = await stream(invoker.token)
+            assert not answer.error_message and answer.infer_response.id == "s1"
+            (answer,) = await stream(scoped.token)
+            assert "scoped" in answer.error_message and not answer.infer_response.outputs
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stream(None)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             # A viewer reads, but may not write through the passthrough.
             scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
             await scheduler.GetDeployment(spb.GetDeploymentRequest(name="scoped"), metadata=bearer(viewer.token), timeout=10)

@@ -219,9 +219,6 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):
             return wrapper
 
         def unary_stream(behavior):
-            if inspect.iscoroutinefunction(behavior):  # writes with context.write: awaited like unary
-                return unary_request(behavior)
-
             async def wrapper(request: Any, context: grpc.aio.ServicerContext):
                 principal = await self._admit(context, permission)
                 await self._check_scope(context, principal, permission, fields, request)
