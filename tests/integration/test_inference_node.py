@@ -169,7 +169,8 @@ async def test_assignment_is_loaded_served_and_unloaded(etcd_settings, local_sto
         assert record.memory_capacity_bytes > 0
         assert record.started.seconds > 0
         assert node.lease == agent.lease_id
-        assert await agent.healthy()
+        # The record is written before the agent marks itself registered.
+        await eventually(agent.healthy, what="agent healthy")
 
         # Every state the status key passes through, as a watcher sees it.
         seen: list[int] = []
@@ -391,7 +392,7 @@ async def test_etcd_outage_keeps_serving_and_the_node_re_registers(restartable_e
             )
 
         await eventually(re_registered, timeout=15, what="re-registration under a new lease")
-        assert await agent.healthy()
+        await eventually(agent.healthy, what="agent healthy again")
         # The lost lease is revoked on recovery, so nothing of ours can vanish with it later.
         await eventually(lambda: _lease_gone(etcd, old_lease), timeout=5, what="old lease gone")
         await asyncio.sleep(0.2)
