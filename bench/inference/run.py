@@ -310,12 +310,17 @@ def main(argv: list[str] | None = None) -> int:
         batching_env = {"max_batch_size": max_batch, "max_queue_delay_us": max_delay}
         on = bench_servers.aimaas_server("aimaas-batching-on", repository, workdir, batching=True, **batching_env)
         off = bench_servers.aimaas_server("aimaas-batching-off", repository, workdir, batching=False, **batching_env)
+        # The same node on grpcio's asyncio server: what the node's own front end is worth.
+        grpcio = None if args.skip_ceiling else bench_servers.aimaas_server(
+            "aimaas-grpcio-frontend", repository, workdir, batching=True, frontend="grpcio", **batching_env)
         started = {}
         ceiling = None if args.skip_ceiling else bench_servers.ceiling_server(workdir)
-        for server in (on, off, ceiling):
+        for server in (on, off, grpcio, ceiling):
             if server is not None:
                 stack.enter_context(server)
-        for server in (on, off):
+        for server in (on, off, grpcio):
+            if server is None:
+                continue
             started[server.name] = round(server.wait_ready(bench_model.MODEL_NAME, bench_model.MODEL_VERSION), 2)
             server.wait_ready(bench_model.BATCHING_MODEL_NAME, bench_model.MODEL_VERSION)
             log(f"{server.name} ready on {server.url} after {started[server.name]} s")
@@ -345,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         # ---- (a) sequential, alternating rounds
         sample = bench_model.sample_input(1, seed=42)
         expected = bench_model_run(data, sample)
-        seq_servers = [server for server in (on, off, ceiling, mlserver) if server is not None]
+        seq_servers = [server for server in (on, off, grpcio, ceiling, mlserver) if server is not None]
         clients = {server.name: SequentialClient(server.url, sample) for server in seq_servers}
         seq_lat = {server.name: [] for server in seq_servers}
         seq_elapsed = dict.fromkeys(clients, 0.0)
@@ -392,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
             **seq_summary(ceiling),
             "what": ("bench/inference/ceiling_server.py: a grpc.aio GRPCInferenceService servicer on uvloop whose "
                      "ModelInfer returns one response prepared at start (no model, no validation, no interceptors); "
-                     "same client and rounds"),
+                     "same client and rounds: the most a node on grpcio's asyncio server could do"),
+        }
+        grpcio_seq = None if grpcio is None else {
+            **seq_summary(grpcio),
+            "what": "the AIMaaS node (batching on) with AIMAAS_INFERENCE__GRPC_FRONTEND=grpcio: grpc.aio's server",
         }
         seq_ratio = ratio(aimaas_seq["rps"], mlserver_seq and mlserver_seq["rps"])
         report["sequential"] = {
@@ -411,9 +420,13 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_p50_latency_mlserver_over_aimaas": ratio(mlserver_seq and mlserver_seq["p50_ms"], aimaas_seq["p50_ms"]),
             "grpc_aio_ceiling": ceiling_seq,
             "ratio_rps_ceiling_over_mlserver": ratio(ceiling_seq and ceiling_seq["rps"], mlserver_seq and mlserver_seq["rps"]),
-            "aimaas_fraction_of_ceiling": ratio(aimaas_seq["rps"], ceiling_seq and ceiling_seq["rps"]),
+            "aimaas_over_grpc_aio_ceiling": ratio(aimaas_seq["rps"], ceiling_seq and ceiling_seq["rps"]),
+            "aimaas_grpcio_frontend": grpcio_seq,
+            "ratio_rps_aimaas_grpcio_frontend_over_mlserver": ratio(grpcio_seq and grpcio_seq["rps"],
+                                                                    mlserver_seq and mlserver_seq["rps"]),
+            "ratio_rps_aimaas_over_aimaas_grpcio_frontend": ratio(aimaas_seq["rps"], grpcio_seq and grpcio_seq["rps"]),
         }
-        for server in (mlserver, ceiling):
+        for server in (mlserver, ceiling, grpcio):
             if server is not None:
                 server.stop()  # (b) involves AIMaaS only: give it the whole machine.
 
@@ -499,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
 def headline(report: dict) -> str:
     """A few lines to paste into a note: every figure next to its baseline."""
     seq, conc, over, targets = report["sequential"], report["concurrent"], report["server_overhead"], report["targets"]
-    ml, ceiling = seq["mlserver"], seq["grpc_aio_ceiling"]
+    ml, ceiling, grpcio = seq["mlserver"], seq["grpc_aio_ceiling"], seq.get("aimaas_grpcio_frontend")
 
     def verdict(name: str) -> str:
         met = targets[name]["met"]
@@ -510,11 +523,14 @@ def headline(report: dict) -> str:
         f"p99 {seq['aimaas']['p99_ms']} ms) vs MLServer "
         + (f"{ml['rps']} req/s (p50 {ml['p50_ms']} ms, p99 {ml['p99_ms']} ms)" if ml else f"n/a ({(seq['mlserver_error'] or '').splitlines()[0]})")
         + f" → {seq['ratio_rps_aimaas_over_mlserver']}x (target >= 2x: {verdict('sequential_vs_mlserver')})",
-        "(a') stack ceiling: " + (
-            f"a bare grpc.aio servicer with a prepared response {ceiling['rps']} req/s (p50 {ceiling['p50_ms']} ms) → "
+        "(a') grpcio: " + (
+            f"the node on grpcio's server {grpcio['rps']} req/s → "
+            + (f"{seq['ratio_rps_aimaas_grpcio_frontend_over_mlserver']}x MLServer" if ml else "MLServer n/a")
+            + f" (the h2 front end: {seq['ratio_rps_aimaas_over_aimaas_grpcio_frontend']}x it); "
+            f"a bare grpc.aio servicer with a prepared response {ceiling['rps']} req/s → "
             + (f"{seq['ratio_rps_ceiling_over_mlserver']}x MLServer" if ml else "MLServer n/a")
-            + f"; AIMaaS reaches {seq['aimaas_fraction_of_ceiling']} of it"
-            if ceiling else "not measured (--skip-ceiling)"),
+            + f"; AIMaaS {seq['aimaas_over_grpc_aio_ceiling']}x it"
+            if ceiling and grpcio else "not measured (--skip-ceiling)"),
         f"(b) {conc['clients']} clients: batching on {conc['batching_on']['rps']} req/s (p50 {conc['batching_on']['p50_ms']} ms, "
         f"p99 {conc['batching_on']['p99_ms']} ms) vs off {conc['batching_off']['rps']} req/s (p50 {conc['batching_off']['p50_ms']} ms, "
         f"p99 {conc['batching_off']['p99_ms']} ms) → {conc['ratio_rps_on_over_off']}x (target >= 3x: {verdict('batching_on_vs_off')})",

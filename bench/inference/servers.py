@@ -133,7 +133,8 @@ class ServerProcess:
 
 
 def aimaas_server(name: str, repository: pathlib.Path, workdir: pathlib.Path, *, batching: bool,
-                  max_batch_size: int, max_queue_delay_us: int) -> ServerProcess:
+                  max_batch_size: int, max_queue_delay_us: int, frontend: str = "h2") -> ServerProcess:
+    """`frontend`: the node's gRPC front end (services.inference.settings: "h2", the default, or "grpcio")."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIMAAS_")}
     env.update({
@@ -141,6 +142,7 @@ def aimaas_server(name: str, repository: pathlib.Path, workdir: pathlib.Path, *,
         "AIMAAS_INFERENCE__HOST": "127.0.0.1",
         "AIMAAS_INFERENCE__GRPC_PORT": str(port),
         "AIMAAS_INFERENCE__METRICS_PORT": "-1",
+        "AIMAAS_INFERENCE__GRPC_FRONTEND": frontend,
         "AIMAAS_INFERENCE__CACHE_DIR": str(workdir / f"{name}-cache"),
         "AIMAAS_INFERENCE__BATCHING__ENABLED": "true" if batching else "false",
         "AIMAAS_INFERENCE__BATCHING__MAX_BATCH_SIZE": str(max_batch_size),

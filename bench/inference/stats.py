@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-SCHEMA_VERSION = 2  # 2: sequential.grpc_aio_ceiling and its ratios
+SCHEMA_VERSION = 3  # 2: sequential.grpc_aio_ceiling and its ratios; 3: the node on grpcio (aimaas_grpcio_frontend)
 TARGET_SEQUENTIAL_VS_MLSERVER = 2.0
 TARGET_BATCHING_ON_VS_OFF = 3.0
 
@@ -104,7 +104,8 @@ def validate_report(report: dict) -> list[str]:
         problems.append("in_process_onnxruntime.per_batch is empty")
     seq = report["sequential"]
     for key in ("aimaas", "mlserver", "ratio_rps_aimaas_over_mlserver", "grpc_aio_ceiling",
-                "ratio_rps_ceiling_over_mlserver", "aimaas_fraction_of_ceiling"):
+                "ratio_rps_ceiling_over_mlserver", "aimaas_over_grpc_aio_ceiling", "aimaas_grpcio_frontend",
+                "ratio_rps_aimaas_grpcio_frontend_over_mlserver", "ratio_rps_aimaas_over_aimaas_grpcio_frontend"):
         if key not in seq:
             problems.append(f"sequential.{key} missing")
     if seq.get("mlserver") is None and not seq.get("mlserver_error"):
@@ -112,6 +113,9 @@ def validate_report(report: dict) -> list[str]:
     ceiling = seq.get("grpc_aio_ceiling")  # null: not run (--skip-ceiling)
     if ceiling is not None and not (isinstance(ceiling, dict) and "rps" in ceiling and "what" in ceiling):
         problems.append("sequential.grpc_aio_ceiling has no rps or what")
+    grpcio = seq.get("aimaas_grpcio_frontend")  # null: not run (--skip-ceiling)
+    if grpcio is not None and not (isinstance(grpcio, dict) and "rps" in grpcio and "what" in grpcio):
+        problems.append("sequential.aimaas_grpcio_frontend has no rps or what")
     conc = report["concurrent"]
     for key in ("clients", "batching_on", "batching_off", "ratio_rps_on_over_off"):
         if key not in conc:

@@ -95,6 +95,7 @@ class InferenceApp:
             logger=self.log,
             health_checks=health_checks,
             reflection_pool=reflection_pool_of(pb.DESCRIPTOR),
+            frontend=config.grpc_frontend,
         )
         self.servicer = InferenceServicer(
             self.data_plane,

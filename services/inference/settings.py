@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -28,6 +28,9 @@ class BatchingDefaults(BaseModel):
 class InferenceServerSettings(ServerSettings):
     grpc_port: Annotated[int, Field(ge=0, le=65535)] = 8301
     metrics_port: Annotated[int, Field(ge=-1, le=65535)] = 8302
+    # Who speaks gRPC on grpc_port: "h2" (services.common.h2grpc: HTTP/2 parsed in the event loop,
+    # ~2x the sequential calls per second of grpcio's server here) or "grpcio" (grpc.aio's server).
+    grpc_frontend: Literal["h2", "grpcio"] = "h2"
     # Standalone mode: serve <dir>/<model>/<version>/model.onnx without etcd. Empty: mesh mode.
     model_repository: pathlib.Path | None = None
     # Mesh mode: stable identity of this node (default: hostname-port).

@@ -92,6 +92,7 @@ def _report(**overrides) -> dict:
     seq = latency_summary([0.0002] * 10, 0.002)
     ml = latency_summary([0.001] * 10, 0.01)
     ceiling = {**latency_summary([0.0001] * 10, 0.001), "what": "bare servicer"}
+    grpcio = {**latency_summary([0.0004] * 10, 0.004), "what": "node on grpcio"}
     report = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "inference",
@@ -102,7 +103,10 @@ def _report(**overrides) -> dict:
         "sequential": {"aimaas": seq, "mlserver": ml, "mlserver_error": None,
                        "ratio_rps_aimaas_over_mlserver": ratio(seq["rps"], ml["rps"]),
                        "grpc_aio_ceiling": ceiling, "ratio_rps_ceiling_over_mlserver": ratio(ceiling["rps"], ml["rps"]),
-                       "aimaas_fraction_of_ceiling": ratio(seq["rps"], ceiling["rps"])},
+                       "aimaas_over_grpc_aio_ceiling": ratio(seq["rps"], ceiling["rps"]),
+                       "aimaas_grpcio_frontend": grpcio,
+                       "ratio_rps_aimaas_grpcio_frontend_over_mlserver": ratio(grpcio["rps"], ml["rps"]),
+                       "ratio_rps_aimaas_over_aimaas_grpcio_frontend": ratio(seq["rps"], grpcio["rps"])},
         "concurrent": {"clients": 64, "batching_on": seq, "batching_off": ml, "ratio_rps_on_over_off": 5.0},
         "server_overhead": overhead_section(seq["p50_ms"], 5.0),
         "targets": targets_section(5.0, 5.0, 195.0, clients=64),
@@ -122,7 +126,9 @@ def test_validate_report_names_the_problems() -> None:
     del report["targets"]
     assert validate_report(report) == ["missing or mistyped key 'targets'"]
     no_mlserver = {"aimaas": {}, "mlserver": None, "ratio_rps_aimaas_over_mlserver": None, "grpc_aio_ceiling": None,
-                   "ratio_rps_ceiling_over_mlserver": None, "aimaas_fraction_of_ceiling": None}
+                   "ratio_rps_ceiling_over_mlserver": None, "aimaas_over_grpc_aio_ceiling": None,
+                   "aimaas_grpcio_frontend": None, "ratio_rps_aimaas_grpcio_frontend_over_mlserver": None,
+                   "ratio_rps_aimaas_over_aimaas_grpcio_frontend": None}
     report = _report(sequential=no_mlserver)
     assert validate_report(report) == ["sequential.mlserver is null without sequential.mlserver_error"]
     report = _report(targets={"sequential_vs_mlserver": {"met": True, "measured": 2.0}})
@@ -135,8 +141,11 @@ def test_validate_report_checks_the_ceiling_fields() -> None:
     assert validate_report(report) == []
     report["sequential"]["grpc_aio_ceiling"] = {"rps": 1.0}
     assert validate_report(report) == ["sequential.grpc_aio_ceiling has no rps or what"]
-    del report["sequential"]["aimaas_fraction_of_ceiling"]
-    assert "sequential.aimaas_fraction_of_ceiling missing" in validate_report(report)
+    del report["sequential"]["aimaas_over_grpc_aio_ceiling"]
+    assert "sequential.aimaas_over_grpc_aio_ceiling missing" in validate_report(report)
+    report = _report()
+    report["sequential"]["aimaas_grpcio_frontend"] = {"rps": 1.0}
+    assert validate_report(report) == ["sequential.aimaas_grpcio_frontend has no rps or what"]
 
 
 def test_model_is_the_example_mlp_with_a_dynamic_batch() -> None:
@@ -208,8 +217,9 @@ def test_headline_quotes_each_figure_with_its_baseline() -> None:
     assert len(lines) == 4
     assert lines[0].startswith("(a) sequential batch 1: AIMaaS 5000.0 req/s") and "MLServer 1000.0 req/s" in lines[0]
     assert "5.0x (target >= 2x: met)" in lines[0]
-    assert lines[1].startswith("(a') stack ceiling: a bare grpc.aio servicer with a prepared response 10000.0 req/s")
-    assert "→ 10.0x MLServer; AIMaaS reaches 0.5 of it" in lines[1]
+    assert lines[1].startswith("(a') grpcio: the node on grpcio's server 2500.0 req/s → 2.5x MLServer (the h2 front end: 2.0x it); "
+                               "a bare grpc.aio servicer with a prepared response 10000.0 req/s")
+    assert "→ 10.0x MLServer; AIMaaS 0.5x it" in lines[1]
     assert "batching on 5000.0 req/s" in lines[2] and "off 1000.0 req/s" in lines[2]
     assert "= 195.0 µs" in lines[3]
     missing = _report()
@@ -217,10 +227,10 @@ def test_headline_quotes_each_figure_with_its_baseline() -> None:
                              "ratio_rps_aimaas_over_mlserver": None}
     missing["targets"] = targets_section(None, 5.0, 195.0, clients=64, mlserver_error="not installed")
     assert "MLServer n/a (not installed)" in headline(missing) and "not measured" in headline(missing)
-    assert "→ MLServer n/a; AIMaaS reaches 0.5 of it" in headline(missing)
+    assert "→ MLServer n/a; AIMaaS 0.5x it" in headline(missing)
     skipped = _report()
     skipped["sequential"] = {**skipped["sequential"], "grpc_aio_ceiling": None}
-    assert "(a') stack ceiling: not measured (--skip-ceiling)" in headline(skipped)
+    assert "(a') grpcio: not measured (--skip-ceiling)" in headline(skipped)
 
 
 def test_ceiling_server_answers_with_its_prepared_response(tmp_path) -> None:
