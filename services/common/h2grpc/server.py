@@ -289,8 +289,7 @@ class ServicerContext:
     def _single_request(self) -> Any:
         if len(self._queue) != 1 or self._buffer:
             found = "no request message" if not self._queue else "more than one request message"
-            raise _ErrorStatus(grpc.StatusCode.INTERNAL if self._queue or self._buffer else grpc.StatusCode.INTERNAL,
-                               f"a unary call needs exactly one request message; got {found}")
+            raise _ErrorStatus(grpc.StatusCode.INTERNAL, f"a unary call needs exactly one request message; got {found}")
         return self._deserialize(self._queue.popleft())
 
     # -- responses ---------------------------------------------------------------------------------
