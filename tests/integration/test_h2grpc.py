@@ -788,3 +788,22 @@ async def test_stop_with_idle_connections_returns_promptly(make_server):
         start = time.monotonic()
         await asyncio.wait_for(running.server.stop(5), 5)
         assert time.monotonic() - start < 1.0  # no calls in flight: nothing to wait for
+
+
+# -- compressed requests and the stream limit -----------------------------------------------------------------
+
+
+async def test_gzip_compressed_requests_are_decompressed(echo: Running):
+    payload = pattern(256 * 1024)  # compresses well, so the client really sends a compressed message
+    async with grpc.aio.insecure_channel(echo.target, compression=grpc.Compression.Gzip) as ch:
+        assert await unary(ch, "Unary")(payload, timeout=5) == payload
+
+
+async def test_streams_over_the_concurrency_limit_are_refused_and_the_rest_served(make_server):
+    running = await make_server(max_concurrent_streams=2)
+    started = time.monotonic()
+    async with grpc.aio.insecure_channel(running.target) as ch:
+        # grpc clients queue calls beyond the peer's SETTINGS_MAX_CONCURRENT_STREAMS: all complete.
+        results = await asyncio.gather(*(unary(ch, "Unary")(bytes([n]), timeout=10) for n in range(20)))
+    assert results == [bytes([n]) for n in range(20)]
+    assert time.monotonic() - started < 10

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gzip
 import inspect
 import ssl as ssl_module
 import zlib
@@ -246,7 +245,7 @@ class ServicerContext:
             raise _ErrorStatus(grpc.StatusCode.INTERNAL, "a compressed message without grpc-encoding")
         try:
             out = decompressor.decompress(message, limit + 1)
-        except (zlib.error, gzip.BadGzipFile) as exc:
+        except zlib.error as exc:
             raise _ErrorStatus(grpc.StatusCode.INTERNAL, f"cannot decompress the request: {exc}") from exc
         if len(out) > limit:
             raise _ErrorStatus(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -899,6 +898,7 @@ class H2GrpcServer:
         self.connections: set[_Connection] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment] - set by start
         self._interceptors = list(interceptors)
+        self._intercept = self._interceptor_chain()
         self._methods: dict[str, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
         self._servers: list[asyncio.base_events.Server] = []
@@ -927,17 +927,22 @@ class H2GrpcServer:
     # -- calls ------------------------------------------------------------------------------------------
 
     async def _intercepted(self, call: ServicerContext) -> grpc.RpcMethodHandler | None:
-        handler = call._handler
-        if not self._interceptors:
-            return handler
+        if self._intercept is None:
+            return call._handler
+        return await self._intercept(_CallDetails(call._method, call._metadata))
 
-        async def innermost(_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-            return handler
+    def _interceptor_chain(self):
+        """The interceptors around handler lookup, composed once (calls only run the chain)."""
+        if not self._interceptors:
+            return None
+
+        async def innermost(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+            return self.lookup(details.method, details.invocation_metadata)
 
         continuation = innermost
         for interceptor in reversed(self._interceptors):
             continuation = _bind(interceptor, continuation)
-        return await continuation(_CallDetails(call._method, call._metadata))
+        return continuation
 
     async def serve(self, call: ServicerContext) -> None:
         """Run one call's handler and send its outcome."""
