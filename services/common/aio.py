@@ -178,12 +178,19 @@ async def answer_concurrently(
         except Exception as exc:  # noqa: BLE001 - ends the call, see below
             fail(exc)
 
+    def start(request: T) -> None:
+        handler = start_eagerly(run(request))
+        if not handler.done():
+            handlers.add(handler)
+            handler.add_done_callback(handlers.discard)
+
     async def read() -> None:
-        async for request in requests:
-            handler = start_eagerly(run(request))
-            if not handler.done():
-                handlers.add(handler)
-                handler.add_done_callback(handlers.discard)
+        dispatch = getattr(requests, "dispatch", None)
+        if dispatch is not None:  # a request stream that pushes (services.common.h2grpc): no loop trip per request
+            await dispatch(start)
+        else:
+            async for request in requests:
+                start(request)
         while handlers:
             await asyncio.wait(set(handlers))
         await writer.flush()

@@ -18,8 +18,8 @@ from aimaas.scheduler.v1 import scheduler_pb2_grpc
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common import oip_stream
-from services.common.aio import SerialWriter
 from services.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from services.common.h2grpc.client import H2GrpcConnection
 from services.gateway.routing import Route, RoutingWatcher
 
 # A successful EnsureReplicas call covers requests arriving this long after it (the scheduler is
@@ -43,26 +43,37 @@ class NodeStream:
     (services.common.oip_stream). The extra fields are appended to the serialized request, which
     protobuf merges over the caller's values, so the caller's message is never touched.
 
-    Writes go through a SerialWriter (one at a time, never in a caller's task: cancelling a write
-    would cancel the whole call, and a caller whose client went away must not take the other
-    callers' requests down with it); a request that finds no write in flight is handed to gRPC at
-    once. When the stream ends for any reason, every request still waiting on it fails with
-    UNAVAILABLE (so it is retried on another replica) and the stream is `closed`; the owner opens a
-    new one for the next request.
+    The stream runs on its own HTTP/2 connection (services.common.h2grpc.client): a request is
+    written from the caller's own step and its answer resolves the caller's future from the loop's
+    protocol callback, with no task or thread in between. A caller that gives up never disturbs the
+    stream; its request, if still waiting for flow-control window, is not sent at all. When the
+    stream ends for any reason, every request still waiting on it fails with UNAVAILABLE (so it is
+    retried on another replica) and the stream is `closed`; the owner opens a new one for the next
+    request. A node that is shutting down (GOAWAY) gets no new requests on the stream; it is
+    half-closed once its last answer arrives, so the node's drain ends without failing anyone.
     """
 
-    def __init__(self, channel: grpc.aio.Channel, address: str) -> None:
+    def __init__(self, address: str, *, max_message_bytes: int, connect_timeout: float = 5.0,
+                 keepalive_seconds: float = 10.0, keepalive_timeout_seconds: float = 5.0) -> None:
         self._address = address
-        self._call = channel.stream_stream(
-            _STREAM_METHOD, request_serializer=None, response_deserializer=pb.ModelStreamInferResponse.FromString
-        )()
         self._pending: dict[str, asyncio.Future[pb.ModelInferResponse]] = {}
         self._ids = itertools.count()
-        self._writer: SerialWriter[tuple[str, bytes]] = SerialWriter(
-            self._write, lambda exc: self._close(f"write failed: {_describe(exc)}")
-        )
-        self.closed = False
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        self._closed = False
+        self._conn = H2GrpcConnection(address, max_message_bytes=max_message_bytes,
+                                      keepalive_seconds=keepalive_seconds,
+                                      keepalive_timeout_seconds=keepalive_timeout_seconds)
+        self._stream = self._conn.open_stream(_STREAM_METHOD, on_message=self._on_message, on_close=self._on_close)
+        self._conn.on_going_away = self._end_if_idle  # a stream idle at GOAWAY must not hold the node's drain
+        host, port = split_host_port(address)
+        self._connecting = asyncio.get_running_loop().create_task(self._connect(host, port, connect_timeout))
+
+    async def _connect(self, host: str, port: int, timeout: float) -> None:
+        with contextlib.suppress(ConnectionError):  # the stream's on_close reports it to the callers
+            await self._conn.connect(host, port, timeout=timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._conn.going_away
 
     @property
     def pending(self) -> int:
@@ -84,14 +95,22 @@ class NodeStream:
             oip_stream.set_trace_parameters(extra, trace)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[pb.ModelInferResponse] = loop.create_future()
-        self._pending[key] = future
-        self._writer.send((key, request.SerializeToString() + extra.SerializeToString()))
+        pending = self._pending
+        pending[key] = future
+        try:
+            # A request still waiting for window when its caller has gone is never sent.
+            self._stream.write(request.SerializeToString() + extra.SerializeToString(), lambda: key in pending)
+        except ValueError as exc:  # over the message size limit (the data plane keeps such requests off)
+            del pending[key]
+            raise rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
         timer = loop.call_later(timeout, self._expire, key)
         try:
             response = await future
         finally:
             timer.cancel()
-            self._pending.pop(key, None)
+            pending.pop(key, None)  # already gone if it expired: the stream may be idle now all the same
+            if self._conn.going_away:
+                self._end_if_idle()
         response.id = request.id
         return response
 
@@ -102,51 +121,52 @@ class NodeStream:
                 rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"node {self._address} did not answer within the deadline")
             )
 
-    async def _write(self, item: tuple[str, bytes]) -> None:
-        key, message = item
-        # A node that stopped reading holds the writes up; requests that expired (or whose caller
-        # left) meanwhile are not sent at all.
-        if key in self._pending:
-            await self._call.write(message)
-
-    async def _read_loop(self) -> None:
-        reason = "the node ended the stream"
+    def _on_message(self, payload: bytes) -> None:
         try:
-            while True:
-                response = await self._call.read()
-                if response is grpc.aio.EOF:
-                    break
-                future = self._pending.pop(response.infer_response.id, None)
-                if future is None or future.done():
-                    continue  # expired, or its caller went away
-                if response.error_message:
-                    future.set_exception(rpc_error(oip_stream.error_status(response), response.error_message))
-                else:
-                    future.set_result(response.infer_response)
-        except asyncio.CancelledError:
-            reason = "the gateway closed the stream"
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported to every waiting caller
-            reason = _describe(exc)
-        finally:
-            self._close(reason)
+            response = pb.ModelStreamInferResponse.FromString(payload)
+        except Exception as exc:  # noqa: BLE001 - a node we cannot understand is a failed stream
+            self._stream.cancel(f"unreadable answer: {exc!r}")
+            return
+        future = self._pending.pop(response.infer_response.id, None)
+        if future is not None and not future.done():  # else: expired, or its caller went away
+            if response.error_message:
+                future.set_exception(rpc_error(oip_stream.error_status(response), response.error_message))
+            else:
+                future.set_result(response.infer_response)
+        if self._conn.going_away:
+            self._end_if_idle()
+
+    def _end_if_idle(self) -> None:
+        """The node is going away: half-close once nothing is pending, so its handler finishes."""
+        if not self._pending:
+            self._stream.end()
+
+    def _on_close(self, code: grpc.StatusCode, details: str, trailing: tuple) -> None:
+        self._close(f"{code.name}: {details}" if details else f"the node ended the stream ({code.name})")
 
     def _close(self, reason: str) -> None:
-        if not self.closed:
-            self.closed = True
-            self._call.cancel()
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
+        self._closed = True
+        pending = list(self._pending.values())
+        self._pending.clear()
+        for future in pending:
             if not future.done():
                 future.set_exception(
                     rpc_error(grpc.StatusCode.UNAVAILABLE, f"lost the stream to node {self._address}: {reason}")
                 )
 
     async def close(self) -> None:
+        self._conn.close("the gateway closed the stream")
         self._close("the gateway closed the stream")
-        self._reader.cancel()
-        await self._writer.close()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        self._connecting.cancel()
+        await asyncio.gather(self._connecting, return_exceptions=True)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" as (host, port)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"not a host:port address: {address!r}")
+    return host.strip("[]"), int(port)
 
 
 def _describe(exc: BaseException) -> str:
@@ -184,6 +204,7 @@ class Upstream:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._eject_seconds = eject_seconds
+        self._max_message_bytes = max_message_bytes
         self._interceptors = interceptors or []
         self._clock = clock
         self._options = [
@@ -214,7 +235,7 @@ class Upstream:
         """The node's open multiplexed inference stream (a new one when the last one ended)."""
         node = self._node(address)
         if node.stream is None or node.stream.closed:
-            node.stream = NodeStream(node.channel, address)
+            node.stream = NodeStream(address, max_message_bytes=self._max_message_bytes)
         return node.stream
 
     def load(self, address: str) -> int:

@@ -9,6 +9,7 @@ import random
 import time
 
 import grpc
+import hpack
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common import oip_stream
+from services.common.h2grpc import H2GrpcServer, wire
 from services.gateway.dataplane import _stream_size_ok
 from services.gateway.upstream import Upstream
 from services.inference.tensors import add_raw_input
@@ -99,7 +101,8 @@ class ScriptedNode(pb_grpc.GRPCInferenceServiceServicer):
             if request.model_name == "break":
                 await context.abort(grpc.StatusCode.INTERNAL, "node crashed")
             if request.model_name == "echo":
-                yield pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse(model_name="echo", id=request.id))
+                answer = pb.ModelInferResponse(model_name="echo", id=request.id)
+                yield pb.ModelStreamInferResponse(infer_response=answer)
 
 
 @pytest.fixture
@@ -187,32 +190,199 @@ def test_only_small_requests_with_raw_tensors_go_on_the_stream():
     assert _stream_size_ok(pb.ModelInferRequest(model_name="m"), 1024)  # the node explains what is missing
 
 
-async def test_requests_that_expire_while_writes_are_held_up_are_never_sent(scripted, upstream):
-    servicer, address = scripted
+class RawNode:
+    """A node that speaks raw HTTP/2 and grants the gateway a stream window of only `window` bytes,
+    so its writes are held by real flow control until the test opens the window (`open_window`).
+    Each complete request is answered at once (model name and the stream's id echoed)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.received: list[pb.ModelInferRequest] = []
+        self.messages: list[bytes] = []  # the same requests as sent
+        self.body = bytearray()  # every request byte the gateway sent on its stream
+        self.ready = asyncio.Event()  # the gateway has applied our SETTINGS
+        self.address = ""
+        self._writer: asyncio.StreamWriter | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve_connection, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    def open_window(self, increment: int) -> None:
+        assert self._writer is not None
+        self._writer.write(wire.window_update(1, increment))
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        encoder, decoder = hpack.Encoder(), hpack.Decoder()
+        try:
+            assert await reader.readexactly(len(wire.PREFACE)) == wire.PREFACE
+            writer.write(wire.settings_frame({wire.SETTINGS_INITIAL_WINDOW_SIZE: self.window}))
+            buffer = bytearray()
+            while True:
+                head = await reader.readexactly(9)
+                payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
+                kind, flags, stream_id = head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+                if kind == wire.SETTINGS:
+                    if flags & wire.ACK:
+                        self.ready.set()
+                    else:
+                        writer.write(wire.frame(wire.SETTINGS, wire.ACK, 0))
+                elif kind == wire.HEADERS:
+                    headers = dict(decoder.decode(payload, raw=True))
+                    assert headers[b":path"] == b"/inference.GRPCInferenceService/ModelStreamInfer"
+                    block = encoder.encode([(":status", "200"), ("content-type", "application/grpc")])
+                    writer.write(wire.frame(wire.HEADERS, wire.END_HEADERS, stream_id, block))
+                elif kind == wire.DATA:
+                    self.body += payload
+                    buffer += payload
+                    while len(buffer) >= 5 and len(buffer) >= 5 + int.from_bytes(buffer[1:5], "big"):
+                        size = int.from_bytes(buffer[1:5], "big")
+                        self.messages.append(bytes(buffer[5:5 + size]))
+                        del buffer[:5 + size]
+                        request = pb.ModelInferRequest.FromString(self.messages[-1])
+                        self.received.append(request)
+                        answer = pb.ModelStreamInferResponse(
+                            infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                        ).SerializeToString()
+                        writer.write(wire.frame(wire.DATA, 0, stream_id, len(answer).to_bytes(5, "big") + answer))
+                    if flags & wire.END_STREAM:
+                        block = encoder.encode([("grpc-status", "0")])
+                        writer.write(wire.frame(wire.HEADERS, wire.END_HEADERS | wire.END_STREAM, stream_id, block))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def raw_node():
+    node = RawNode(window=10)
+    await node.start()
+    yield node
+    await node.stop()
+
+
+async def test_requests_that_expire_while_writes_are_held_up_are_never_sent(raw_node, upstream):
+    stream = upstream.stream(raw_node.address)
+    await asyncio.wait_for(raw_node.ready.wait(), 5)  # the node's 10-byte stream window is in force
+    first = asyncio.ensure_future(stream.infer(pb.ModelInferRequest(model_name="first", id="mine"), 10.0))
+    while stream.pending == 0:
+        await asyncio.sleep(0.01)
+    assert stream._stream.queued == 1  # "first" is held by flow control (10 bytes of it went out)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stream.infer(pb.ModelInferRequest(model_name="expired"), 0.1)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert stream.pending == 1 and raw_node.received == [] and len(raw_node.body) == 10
+    raw_node.open_window(1 << 20)
+    assert (await asyncio.wait_for(first, 5)).id == "mine"
+    assert (await stream.infer(pb.ModelInferRequest(model_name="later", id="l"), 5.0)).id == "l"
+    # "expired" never went out: the node got exactly the other two messages.
+    assert [r.model_name for r in raw_node.received] == ["first", "later"]
+    assert bytes(raw_node.body) == b"".join(len(m).to_bytes(5, "big") + m for m in raw_node.messages)
+    assert not stream.closed and stream.pending == 0
+
+
+class DrainingNode(ScriptedNode):
+    """ScriptedNode plus "slow": answered once the test sets `release`; `ended` once its requests end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.ended = False
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        self.streams += 1
+        async for request in request_iterator:
+            self.received.append(request)
+            if request.model_name in ("echo", "slow"):
+                if request.model_name == "slow":
+                    await self.release.wait()
+                answer = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                yield pb.ModelStreamInferResponse(infer_response=answer)
+        self.ended = True
+
+
+@pytest.fixture(params=["h2", "grpcio"])
+async def draining(request):
+    servicer = DrainingNode()
+    if request.param == "h2":
+        server = H2GrpcServer()
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        port = await server.start("127.0.0.1", 0)
+    else:
+        server = grpc.aio.server()
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+    yield servicer, f"127.0.0.1:{port}", server
+    await server.stop(0)
+
+
+async def _stop_timed(server, grace: float) -> float:
+    started = time.monotonic()
+    await asyncio.wait_for(server.stop(grace), grace + 5)
+    return time.monotonic() - started
+
+
+async def test_a_node_stopping_gracefully_lets_the_pending_request_finish(draining, upstream):
+    servicer, address, server = draining
     stream = upstream.stream(address)
-    gate = asyncio.Event()
-    write = stream._call.write
-
-    async def held_write(message):  # a node that stopped reading: HTTP/2 flow control holds writes
-        await gate.wait()
-        await write(message)
-
-    stream._call.write = held_write
-    first = asyncio.ensure_future(stream.infer(pb.ModelInferRequest(model_name="echo", id="first"), 10.0))
-    while stream.pending == 0:  # "first" is queued, and its write is held at the gate
+    assert (await stream.infer(pb.ModelInferRequest(model_name="echo", id="before"), 5.0)).id == "before"
+    waiting = asyncio.ensure_future(stream.infer(pb.ModelInferRequest(model_name="slow", id="pending"), 10.0))
+    while len(servicer.received) < 2:
+        await asyncio.sleep(0.01)
+    stopping = asyncio.ensure_future(_stop_timed(server, 5.0))  # GOAWAY: in-flight calls may finish
+    while not stream.closed:  # no new requests go on a stream to a node that is going away
         await asyncio.sleep(0.01)
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stream.infer(pb.ModelInferRequest(model_name="echo", id="expired"), 0.1)
+        await stream.infer(pb.ModelInferRequest(model_name="echo"), 5.0)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    await asyncio.sleep(0.1)
+    assert not waiting.done() and not stopping.done() and stream.pending == 1
+    servicer.release.set()
+    assert (await asyncio.wait_for(waiting, 5)).id == "pending"
+    # The stream half-closes once its last answer is in, so the node's drain ends long before the grace.
+    assert await stopping < 2.0
+    assert servicer.ended and servicer.streams == 1
+    assert stream.closed and stream.pending == 0
+    assert upstream.stream(address) is not stream
+
+
+async def test_a_node_stopping_gracefully_is_not_held_by_an_idle_stream(draining, upstream):
+    servicer, address, server = draining
+    stream = upstream.stream(address)
+    assert (await stream.infer(pb.ModelInferRequest(model_name="echo", id="one"), 5.0)).id == "one"
+    assert await _stop_timed(server, 5.0) < 2.0
+    assert servicer.ended and stream.closed
+
+
+async def test_a_node_stopping_gracefully_is_not_held_once_the_last_request_expires(draining, upstream):
+    servicer, address, server = draining
+    stream = upstream.stream(address)
+    waiting = asyncio.ensure_future(stream.infer(pb.ModelInferRequest(model_name="hang"), 0.5))
+    while not servicer.received:
+        await asyncio.sleep(0.01)
+    stopping = asyncio.ensure_future(_stop_timed(server, 5.0))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await waiting
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    gate.set()
-    assert (await first).id == "first"
-    assert (await stream.infer(pb.ModelInferRequest(model_name="echo", id="later"), 5.0)).id == "later"
-    assert [r.model_name for r in servicer.received] == ["echo", "echo"]  # "expired" never went out
+    assert await stopping < 2.0
+    assert servicer.ended and stream.closed
 
 
 async def test_a_node_leaving_the_routing_table_gets_its_idle_stream_closed(scripted, upstream):
     """A draining node is not held for its whole grace period by the gateway's open stream."""
-    servicer, address = scripted
+    _, address = scripted
     stream = upstream.stream(address)
     assert (await stream.infer(pb.ModelInferRequest(model_name="echo", id="one"), 5.0)).id == "one"
     upstream.retain({address})  # still routed: kept

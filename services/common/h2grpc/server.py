@@ -20,22 +20,16 @@ import asyncio
 import collections
 import inspect
 import ssl as ssl_module
-import zlib
 from collections.abc import Iterable
 from typing import Any
 
 import grpc
-import hpack
 
 from services.common.aio import start_eagerly
 from services.common.h2grpc import wire
+from services.common.h2grpc.connection import STREAM_WINDOW, H2Connection
 from services.common.h2grpc.wire import ConnectionError_
 
-# What we grant a peer: generous windows so a small call never waits for a WINDOW_UPDATE.
-STREAM_WINDOW = 1 << 20
-CONNECTION_WINDOW = 16 << 20
-MAX_FRAME_SIZE = 1 << 20  # what we accept; fewer, larger DATA frames for big tensors
-MAX_HEADER_LIST_SIZE = 64 << 10
 # Complete request messages a stream may hold that its handler has not read yet, before we stop
 # replenishing the stream's window (backpressure on a client that streams faster than we serve).
 STREAM_QUEUE_LIMIT = 4 << 20
@@ -81,7 +75,7 @@ class ServicerContext:
         "_conn", "_stream_id", "_method", "_metadata", "_deadline", "_timer", "_encoding", "_handler",
         "_code", "_details", "_trailing", "_initial", "_head_sent", "_finished", "_cancelled",
         "_send_window", "_out", "_out_trailers", "_drained", "_recv_window", "_recv_uncredited",
-        "_request_closed", "_buffer", "_queue", "_queued_bytes", "_reader", "_task", "_done_callbacks",
+        "_request_closed", "_buffer", "_queue", "_queued_bytes", "_reader", "_dispatch", "_task", "_done_callbacks",
     )
 
     def __init__(self, conn: _Connection, stream_id: int, method: str, metadata: tuple, deadline: float | None,
@@ -112,6 +106,7 @@ class ServicerContext:
         self._queue: collections.deque[bytes] = collections.deque()
         self._queued_bytes = 0
         self._reader: asyncio.Future[None] | None = None
+        self._dispatch: Any = None  # RequestStream.dispatch's callback while it runs
         self._task: asyncio.Future[Any] | None = None
         self._done_callbacks: list = []
 
@@ -211,53 +206,34 @@ class ServicerContext:
             raise _ErrorStatus(grpc.StatusCode.INTERNAL, f"cannot deserialize the request: {exc}") from exc
 
     def _data(self, payload: bytes) -> None:
-        """Bytes of the request body: split into gRPC messages (5-byte prefix, then the message)."""
-        buffer = self._buffer
-        limit = self._conn.server.max_message_bytes
-        if not buffer and len(payload) >= 5 and payload[0] == 0 \
-                and int.from_bytes(payload[1:5], "big") == len(payload) - 5 and len(payload) - 5 <= limit:
-            self._message(payload[5:])  # the common case: one whole uncompressed message per frame
-            return
-        buffer += payload
-        while len(buffer) >= 5:
-            length = int.from_bytes(buffer[1:5], "big")
-            if length > limit:
-                raise _ErrorStatus(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"received message larger than max ({length} vs. {limit})")
-            if len(buffer) < 5 + length:
-                return
-            flag = buffer[0]
-            message = bytes(buffer[5:5 + length])
-            del buffer[:5 + length]
-            if flag == 1:
-                message = self._decompress(message)
-            elif flag != 0:
-                raise _ErrorStatus(grpc.StatusCode.INTERNAL, f"invalid message flag {flag}")
-            self._message(message)
-
-    def _decompress(self, message: bytes) -> bytes:
-        limit = self._conn.server.max_message_bytes
-        if self._encoding == b"gzip":
-            decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif self._encoding == b"deflate":
-            decompressor = zlib.decompressobj()
-        else:
-            raise _ErrorStatus(grpc.StatusCode.INTERNAL, "a compressed message without grpc-encoding")
+        """Bytes of the request body, as gRPC messages."""
         try:
-            out = decompressor.decompress(message, limit + 1)
-        except zlib.error as exc:
-            raise _ErrorStatus(grpc.StatusCode.INTERNAL, f"cannot decompress the request: {exc}") from exc
-        if len(out) > limit:
-            raise _ErrorStatus(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"received message larger than max (more than {limit} bytes decompressed)")
-        return out
+            for message in wire.messages(self._buffer, payload, self._conn.server.max_message_bytes, self._encoding):
+                self._message(message)
+        except OverflowError as exc:
+            raise _ErrorStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        except ValueError as exc:
+            raise _ErrorStatus(grpc.StatusCode.INTERNAL, f"cannot read the request: {exc}") from exc
 
     def _message(self, message: bytes) -> None:
+        if self._dispatch is not None:
+            self._push(message)
+            return
         self._queue.append(message)
         self._queued_bytes += len(message)
         reader = self._reader
         if reader is not None and not reader.done():
             reader.set_result(None)
+
+    def _push(self, payload: bytes) -> None:
+        """Hand a request to the dispatch callback now; a failure ends the dispatch with it."""
+        try:
+            self._dispatch(self._deserialize(payload))
+        except Exception as exc:  # noqa: BLE001 - raised in the handler, which ends the call
+            self._dispatch = None
+            ended = self._reader
+            if ended is not None and not ended.done():
+                ended.set_exception(exc)
 
     def _close_request(self) -> None:
         self._request_closed = True
@@ -278,12 +254,21 @@ class ServicerContext:
         self._conn.credit(self)
         return message
 
-    async def _request_messages(self):
-        while True:
-            payload = await self._next_message()
-            if payload is None:
-                return
-            yield self._deserialize(payload)
+    async def _dispatch_to(self, on_request) -> None:
+        for_now, self._queue = self._queue, collections.deque()
+        self._queued_bytes = 0
+        for payload in for_now:
+            on_request(self._deserialize(payload))
+        self._conn.credit(self)
+        if not self._request_closed and not self._cancelled:
+            self._dispatch = on_request
+            self._reader = self._conn.loop.create_future()
+            try:
+                await self._reader
+            finally:
+                self._dispatch = None
+        if self._buffer and not self._cancelled:
+            raise _ErrorStatus(grpc.StatusCode.INTERNAL, "the request ended inside a message")
 
     def _single_request(self) -> Any:
         if len(self._queue) != 1 or self._buffer:
@@ -401,29 +386,43 @@ class ServicerContext:
         self._cancel()
 
 
-class _Connection(asyncio.Protocol):
+class RequestStream:
+    """A streaming call's requests: an async iterator, as grpc.aio hands to handlers, which can also
+    push them (`dispatch`), saving the trip through the event loop that each awaited message costs."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: ServicerContext) -> None:
+        self._call = call
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        payload = await self._call._next_message()
+        if payload is None:
+            raise StopAsyncIteration
+        return self._call._deserialize(payload)
+
+    async def dispatch(self, on_request) -> None:
+        """Call `on_request(request)` for each request, in order, as it arrives (from the connection's
+        protocol callback, so it must not block); return once the requests end. An unreadable request
+        ends the dispatch with the call's error."""
+        await self._call._dispatch_to(on_request)
+
+
+class _Connection(H2Connection):
     def __init__(self, server: H2GrpcServer) -> None:
+        super().__init__()
         self.server = server
         self.loop = server.loop
         self.peer = "unknown"
-        self.peer_initial_window = wire.DEFAULT_WINDOW
         self.write_paused = False
-        self._transport: asyncio.Transport | None = None
-        self._buffer = b""
         self._preface = False
-        self._decoder = hpack.Decoder()
-        self._decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
-        self._decoder.max_allowed_table_size = 4096
         self._calls: dict[int, ServicerContext] = {}
         self._last_stream_id = 0
-        self._send_window = wire.DEFAULT_WINDOW
-        self._recv_window = CONNECTION_WINDOW
-        self._recv_uncredited = 0
-        self._peer_max_frame = wire.DEFAULT_MAX_FRAME
-        self._headers: tuple[int, int, bytearray] | None = None  # a header block awaiting CONTINUATION
         self._blocked: dict[int, ServicerContext] = {}  # calls with DATA waiting for window
         self._going_away = False
-        self._closed = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------
 
@@ -433,15 +432,7 @@ class _Connection(asyncio.Protocol):
         if isinstance(peername, tuple) and len(peername) >= 2:
             host = peername[0]
             self.peer = f"ipv6:[{host}]:{peername[1]}" if ":" in host else f"ipv4:{host}:{peername[1]}"
-        transport.write(
-            wire.settings_frame({
-                wire.SETTINGS_MAX_CONCURRENT_STREAMS: self.server.max_concurrent_streams,
-                wire.SETTINGS_INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                wire.SETTINGS_MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-                wire.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
-            })
-            + wire.window_update(0, CONNECTION_WINDOW - wire.DEFAULT_WINDOW)
-        )
+        transport.write(self._our_settings({wire.SETTINGS_MAX_CONCURRENT_STREAMS: self.server.max_concurrent_streams}))
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -460,17 +451,6 @@ class _Connection(asyncio.Protocol):
         for call in list(self._calls.values()):
             call._wake_writer()
 
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._receive(data)
-        except ConnectionError_ as exc:
-            self._fail_connection(exc.code, str(exc))
-        except hpack.HPACKError as exc:
-            self._fail_connection(wire.COMPRESSION_ERROR, f"header block: {exc}")
-
-    def eof_received(self) -> bool:
-        return False
-
     # -- frames in -------------------------------------------------------------------------------------
 
     def _receive(self, data: bytes) -> None:
@@ -486,70 +466,9 @@ class _Connection(asyncio.Protocol):
                 raise ConnectionError_(wire.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
             self._preface = True
             position = len(wire.PREFACE)
-        end = len(buffer)
-        while end - position >= 9 and not self._closed:
-            length = int.from_bytes(buffer[position:position + 3], "big")
-            if length > MAX_FRAME_SIZE:
-                raise ConnectionError_(wire.FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds the maximum")
-            if end - position - 9 < length:
-                break
-            kind = buffer[position + 3]
-            flags = buffer[position + 4]
-            stream_id = int.from_bytes(buffer[position + 5:position + 9], "big") & 0x7FFFFFFF
-            payload = buffer[position + 9:position + 9 + length]
-            position += 9 + length
-            if self._headers is not None and kind != wire.CONTINUATION:
-                raise ConnectionError_(wire.PROTOCOL_ERROR, "a header block was interrupted")
-            if kind == wire.DATA:
-                self._on_data(stream_id, flags, payload, length)
-            elif kind == wire.HEADERS:
-                self._on_headers(stream_id, flags, payload)
-            elif kind == wire.CONTINUATION:
-                self._on_continuation(stream_id, flags, payload)
-            elif kind == wire.SETTINGS:
-                self._on_settings(stream_id, flags, payload)
-            elif kind == wire.WINDOW_UPDATE:
-                self._on_window_update(stream_id, payload)
-            elif kind == wire.PING:
-                if length != 8 or stream_id:
-                    raise ConnectionError_(wire.FRAME_SIZE_ERROR if length != 8 else wire.PROTOCOL_ERROR, "bad PING")
-                if not flags & wire.ACK:
-                    self._write(wire.frame(wire.PING, wire.ACK, 0, payload))
-            elif kind == wire.RST_STREAM:
-                self._on_rst_stream(stream_id, payload)
-            elif kind == wire.GOAWAY:
-                self._going_away = True
-                if not self._calls:
-                    self._close()
-            elif kind == wire.PUSH_PROMISE:
-                raise ConnectionError_(wire.PROTOCOL_ERROR, "a client cannot push")
-            # PRIORITY and unknown frame types are ignored (RFC 9113 §5.5).
-        self._buffer = buffer[position:] if position < end else b""
+        self._receive_frames(buffer, position)
 
-    def _on_headers(self, stream_id: int, flags: int, payload: bytes) -> None:
-        if stream_id == 0:
-            raise ConnectionError_(wire.PROTOCOL_ERROR, "HEADERS on stream 0")
-        payload = wire.unpad(flags, payload)
-        if flags & wire.PRIORITY_FLAG:
-            payload = payload[5:]
-        if not flags & wire.END_HEADERS:
-            self._headers = (stream_id, flags, bytearray(payload))
-            return
-        self._on_header_block(stream_id, flags, payload)
-
-    def _on_continuation(self, stream_id: int, flags: int, payload: bytes) -> None:
-        pending = self._headers
-        if pending is None or pending[0] != stream_id:
-            raise ConnectionError_(wire.PROTOCOL_ERROR, "unexpected CONTINUATION")
-        pending[2].extend(payload)
-        if len(pending[2]) > MAX_HEADER_LIST_SIZE:
-            raise ConnectionError_(wire.ENHANCE_YOUR_CALM, "header block too large")
-        if flags & wire.END_HEADERS:
-            self._headers = None
-            self._on_header_block(stream_id, pending[1], bytes(pending[2]))
-
-    def _on_header_block(self, stream_id: int, flags: int, block: bytes) -> None:
-        headers = self._decoder.decode(block, raw=True)  # always: the decoder's table must stay in step
+    def _on_header_block(self, stream_id: int, flags: int, headers: list[tuple[bytes, bytes]]) -> None:
         call = self._calls.get(stream_id)
         if call is not None:  # trailers of a client stream: they end the request
             if not flags & wire.END_STREAM:
@@ -644,16 +563,6 @@ class _Connection(asyncio.Protocol):
             self._forget(call)
 
     def _on_data(self, stream_id: int, flags: int, payload: bytes, length: int) -> None:
-        if stream_id == 0:
-            raise ConnectionError_(wire.PROTOCOL_ERROR, "DATA on stream 0")
-        self._recv_window -= length
-        if self._recv_window < 0:
-            raise ConnectionError_(wire.FLOW_CONTROL_ERROR, "the peer overran the connection window")
-        self._recv_uncredited += length
-        if self._recv_uncredited >= CONNECTION_WINDOW // 2:
-            self._write(wire.window_update(0, self._recv_uncredited))
-            self._recv_window += self._recv_uncredited
-            self._recv_uncredited = 0
         call = self._calls.get(stream_id)
         if call is None:
             if stream_id > self._last_stream_id:
@@ -686,45 +595,19 @@ class _Connection(asyncio.Protocol):
 
     def credit(self, call: ServicerContext) -> None:
         """Give a stream back the window its request bytes used, unless its handler lags behind."""
-        if call._request_closed or call._recv_uncredited < STREAM_WINDOW // 4 or call._queued_bytes > STREAM_QUEUE_LIMIT:
+        if call._request_closed or call._recv_uncredited < STREAM_WINDOW // 4 \
+                or call._queued_bytes > STREAM_QUEUE_LIMIT:
             return
         if call._stream_id in self._calls:
             self._write(wire.window_update(call._stream_id, call._recv_uncredited))
         call._recv_window += call._recv_uncredited
         call._recv_uncredited = 0
 
-    def _on_settings(self, stream_id: int, flags: int, payload: bytes) -> None:
-        if stream_id:
-            raise ConnectionError_(wire.PROTOCOL_ERROR, "SETTINGS on a stream")
-        if flags & wire.ACK:
-            return
-        for key, value in wire.parse_settings(payload):
-            if key == wire.SETTINGS_INITIAL_WINDOW_SIZE:
-                if value > wire.MAX_WINDOW:
-                    raise ConnectionError_(wire.FLOW_CONTROL_ERROR, "initial window too large")
-                delta = value - self.peer_initial_window
-                self.peer_initial_window = value
-                for call in self._calls.values():
-                    call._send_window += delta
-            elif key == wire.SETTINGS_MAX_FRAME_SIZE:
-                if not wire.DEFAULT_MAX_FRAME <= value <= 2**24 - 1:
-                    raise ConnectionError_(wire.PROTOCOL_ERROR, "invalid SETTINGS_MAX_FRAME_SIZE")
-                self._peer_max_frame = value
-        self._write(wire.frame(wire.SETTINGS, wire.ACK, 0))
-        self._flush_blocked()
+    def _adjust_stream_windows(self, delta: int) -> None:
+        for call in self._calls.values():
+            call._send_window += delta
 
-    def _on_window_update(self, stream_id: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise ConnectionError_(wire.FRAME_SIZE_ERROR, "WINDOW_UPDATE is 4 bytes")
-        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
-        if stream_id == 0:
-            if increment == 0:
-                raise ConnectionError_(wire.PROTOCOL_ERROR, "a zero WINDOW_UPDATE")
-            self._send_window += increment
-            if self._send_window > wire.MAX_WINDOW:
-                raise ConnectionError_(wire.FLOW_CONTROL_ERROR, "connection window overflow")
-            self._flush_blocked()
-            return
+    def _on_stream_window_update(self, stream_id: int, increment: int) -> None:
         call = self._calls.get(stream_id)
         if call is None:
             if stream_id > self._last_stream_id:
@@ -738,9 +621,12 @@ class _Connection(asyncio.Protocol):
         if call._out:
             self._flush(call)
 
-    def _on_rst_stream(self, stream_id: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise ConnectionError_(wire.FRAME_SIZE_ERROR, "RST_STREAM is 4 bytes")
+    def _on_goaway(self, payload: bytes) -> None:
+        self._going_away = True
+        if not self._calls:
+            self._close()
+
+    def _on_rst_stream(self, stream_id: int, code: int) -> None:
         if stream_id == 0 or stream_id > self._last_stream_id:
             raise ConnectionError_(wire.PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
         call = self._calls.pop(stream_id, None)
@@ -751,31 +637,15 @@ class _Connection(asyncio.Protocol):
 
     # -- frames out ------------------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
-        if not self._closed and self._transport is not None:
-            self._transport.write(data)
-
-    def _header_frames(self, stream_id: int, block: bytes, end_stream: bool) -> bytes:
-        limit = self._peer_max_frame
-        flags = wire.END_STREAM if end_stream else 0
-        if len(block) <= limit:
-            return wire.frame(wire.HEADERS, flags | wire.END_HEADERS, stream_id, block)
-        frames = [wire.frame(wire.HEADERS, flags, stream_id, block[:limit])]
-        for offset in range(limit, len(block), limit):
-            last = offset + limit >= len(block)
-            frames.append(wire.frame(wire.CONTINUATION, wire.END_HEADERS if last else 0, stream_id,
-                                     block[offset:offset + limit]))
-        return b"".join(frames)
-
     def send_headers(self, stream_id: int, block: bytes, *, end_stream: bool) -> None:
         self._write(self._header_frames(stream_id, block, end_stream))
 
     def send_response(self, call: ServicerContext, head: bytes, message: bytes, trailers: bytes) -> None:
         """A unary response: head, message and trailers in one write when the windows allow."""
         size = len(message)
-        if size <= call._send_window and size <= self._send_window and size <= self._peer_max_frame:
+        if size <= call._send_window and size <= self.send_window and size <= self.peer_max_frame:
             call._send_window -= size
-            self._send_window -= size
+            self.send_window -= size
             sid = call._stream_id
             self._write(self._header_frames(sid, head, False) + wire.frame(wire.DATA, 0, sid, message)
                         + self._header_frames(sid, trailers, True))
@@ -790,9 +660,9 @@ class _Connection(asyncio.Protocol):
             call._out += data
             return
         size = len(data)
-        if size <= call._send_window and size <= self._send_window and size <= self._peer_max_frame:
+        if size <= call._send_window and size <= self.send_window and size <= self.peer_max_frame:
             call._send_window -= size
-            self._send_window -= size
+            self.send_window -= size
             self._write(wire.frame(wire.DATA, 0, call._stream_id, data))
             return
         call._out += data
@@ -808,13 +678,13 @@ class _Connection(asyncio.Protocol):
     def _flush(self, call: ServicerContext) -> None:
         out = call._out
         frames = []
-        limit = self._peer_max_frame
-        while out and call._send_window > 0 and self._send_window > 0:
-            size = min(len(out), call._send_window, self._send_window, limit)
+        limit = self.peer_max_frame
+        while out and call._send_window > 0 and self.send_window > 0:
+            size = min(len(out), call._send_window, self.send_window, limit)
             frames.append(wire.frame(wire.DATA, 0, call._stream_id, bytes(out[:size])))
             del out[:size]
             call._send_window -= size
-            self._send_window -= size
+            self.send_window -= size
         if out:
             self._blocked[call._stream_id] = call
         else:
@@ -833,7 +703,7 @@ class _Connection(asyncio.Protocol):
 
     def _flush_blocked(self) -> None:
         for call in list(self._blocked.values()):
-            if self._send_window <= 0:
+            if self.send_window <= 0:
                 return
             self._flush(call)
 
@@ -956,11 +826,11 @@ class H2GrpcServer:
                 response = await handler.unary_unary(call._single_request(), call)
                 self._respond(call, response)
             elif handler.stream_unary is not None:
-                response = await handler.stream_unary(call._request_messages(), call)
+                response = await handler.stream_unary(RequestStream(call), call)
                 self._respond(call, response)
             else:
                 behavior = handler.unary_stream or handler.stream_stream
-                request = call._single_request() if handler.unary_stream is not None else call._request_messages()
+                request = call._single_request() if handler.unary_stream is not None else RequestStream(call)
                 result = behavior(request, call)
                 if inspect.isasyncgen(result):
                     async for response in result:
@@ -995,7 +865,8 @@ class H2GrpcServer:
         payload = serializer(response) if serializer is not None else response
         limit = self.max_message_bytes
         if len(payload) > limit:
-            call._fail(grpc.StatusCode.RESOURCE_EXHAUSTED, f"response message larger than max ({len(payload)} vs. {limit})")
+            call._fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f"response message larger than max ({len(payload)} vs. {limit})")
             return
         call._finish(payload)
 

@@ -4,7 +4,10 @@ framing and header values (grpc/doc/PROTOCOL-HTTP2.md): the parts that are pure 
 from __future__ import annotations
 
 import base64
+import math
 import struct
+import urllib.parse
+import zlib
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -109,8 +112,8 @@ def _string(value: bytes) -> bytes:
     return _integer(len(value), 7) + value
 
 
-# Static table indexes (RFC 7541 Appendix A) of the names this server sends often.
-_STATIC_NAME = {b"content-type": 31, b":status": 8}
+# Static table indexes (RFC 7541 Appendix A) of the names we send often.
+_STATIC_NAME = {b":authority": 1, b":path": 4, b":status": 8, b"content-type": 31, b"user-agent": 58}
 
 
 def literal(name: bytes, value: bytes) -> bytes:
@@ -124,6 +127,18 @@ def literal(name: bytes, value: bytes) -> bytes:
 STATUS_200 = b"\x88"  # indexed field 8 of the static table: ":status: 200"
 RESPONSE_HEAD = STATUS_200 + literal(b"content-type", b"application/grpc")
 TRAILER_OK = literal(b"grpc-status", b"0")
+
+
+def header_frames(stream_id: int, block: bytes, end_stream: bool, max_frame: int) -> bytes:
+    """A header block as HEADERS (+ CONTINUATION frames when it exceeds the peer's frame size)."""
+    flags = END_STREAM if end_stream else 0
+    if len(block) <= max_frame:
+        return frame(HEADERS, flags | END_HEADERS, stream_id, block)
+    frames = [frame(HEADERS, flags, stream_id, block[:max_frame])]
+    for offset in range(max_frame, len(block), max_frame):
+        last = offset + max_frame >= len(block)
+        frames.append(frame(CONTINUATION, END_HEADERS if last else 0, stream_id, block[offset:offset + max_frame]))
+    return b"".join(frames)
 
 
 def status_only(code: int) -> bytes:
@@ -145,12 +160,70 @@ def parse_timeout(value: bytes) -> float:
     return int(digits) * unit
 
 
+def format_timeout(seconds: float) -> bytes:
+    """A grpc-timeout value: the finest unit whose count fits in 8 digits, rounded up."""
+    for unit, size in ((b"n", 1e-9), (b"u", 1e-6), (b"m", 1e-3), (b"S", 1.0), (b"M", 60.0)):
+        count = math.ceil(max(seconds, 0.0) / size)
+        if count < 100_000_000:
+            return str(count).encode() + unit
+    return str(min(math.ceil(seconds / 3600.0), 99_999_999)).encode() + b"H"
+
+
+def messages(buffer: bytearray, payload: bytes, limit: int, encoding: bytes | None):
+    """The complete gRPC messages (5-byte prefix, then the message) that `payload` finishes, after
+    the unfinished one `buffer` holds; `buffer` keeps what is left. OverflowError for a message over
+    `limit`, ValueError for a bad flag or an unreadable compressed message (raised in order)."""
+    if not buffer and len(payload) >= 5 and payload[0] == 0 \
+            and int.from_bytes(payload[1:5], "big") == len(payload) - 5 and len(payload) - 5 <= limit:
+        yield payload[5:]  # the common case: one whole uncompressed message per frame
+        return
+    buffer += payload
+    while len(buffer) >= 5:
+        length = int.from_bytes(buffer[1:5], "big")
+        if length > limit:
+            raise OverflowError(f"received message larger than max ({length} vs. {limit})")
+        if len(buffer) < 5 + length:
+            return
+        flag = buffer[0]
+        message = bytes(buffer[5:5 + length])
+        del buffer[:5 + length]
+        if flag == 1:
+            message = decompress(encoding, message, limit)
+        elif flag != 0:
+            raise ValueError(f"invalid message flag {flag}")
+        yield message
+
+
+def decompress(encoding: bytes | None, message: bytes, limit: int) -> bytes:
+    """A compressed message (flag 1) in its `grpc-encoding`: ValueError when it cannot be read,
+    OverflowError when it inflates past `limit` bytes."""
+    if encoding == b"gzip":
+        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif encoding == b"deflate":
+        decompressor = zlib.decompressobj()
+    else:
+        raise ValueError("a compressed message without a supported grpc-encoding")
+    try:
+        out = decompressor.decompress(message, limit + 1)
+    except zlib.error as exc:
+        raise ValueError(f"cannot decompress the message: {exc}") from exc
+    if len(out) > limit:
+        raise OverflowError(f"received message larger than max (more than {limit} bytes decompressed)")
+    return out
+
+
 def encode_grpc_message(message: str) -> bytes:
     """Percent-encode a status message: UTF-8, with bytes outside printable ASCII and '%' escaped."""
     raw = message.encode("utf-8", "replace")
     if all(0x20 <= byte <= 0x7E and byte != 0x25 for byte in raw):
         return raw
     return b"".join(bytes((byte,)) if 0x20 <= byte <= 0x7E and byte != 0x25 else b"%%%02X" % byte for byte in raw)
+
+
+def decode_grpc_message(value: bytes) -> str:
+    """A percent-encoded grpc-message as text (undecodable bytes replaced, never an error)."""
+    return urllib.parse.unquote_to_bytes(value).decode("utf-8", "replace") if b"%" in value \
+        else value.decode("utf-8", "replace")
 
 
 def metadata_value(key: str, value: str | bytes) -> bytes:
