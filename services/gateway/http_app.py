@@ -25,7 +25,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.errors import AimaasError, grpc_status_for, http_status_for
@@ -123,13 +123,13 @@ def build_http_app(
     if telemetry is not None:
         tracer = telemetry.tracer("services.gateway.http")
     else:
-        # Not recording, but still minting trace ids for the access log and the upstream metadata.
-        provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
-        tracer = provider.get_tracer("services.gateway.http")
+        tracer = TracerProvider(sampler=ALWAYS_OFF).get_tracer("services.gateway.http")
     app.edge = EdgeMiddleware(
         InferFastPath(app.fastapi_call, infer=infer, on_error=mapper),
         authenticator=auth, limits=limits, tracer=tracer, logger=log.bind(kind="access"),
         unlimited_body=_is_model_upload if management_router is not None else None,
+        # Not recording, but still minting trace ids for the access log and the upstream metadata.
+        record_spans=telemetry is not None and telemetry.exporting,
     )
     return app
 
