@@ -140,6 +140,7 @@ class Batcher:
         self._span_attributes = {"aimaas.model": label}
         # Moving average of batch execution time (ns); None until the first batch ran on the thread.
         self._execution_ns: float | None = None
+        self._slow_before = False  # the last run took over 4x the estimate
         self._inline_below_ns = policy.inline_below_s * 1e9
 
     @property
@@ -463,8 +464,16 @@ class Batcher:
             span.end()
         self._stats.record_execution(rows, len(batch), input_ns, infer_ns, output_ns)
         took = input_ns + infer_ns + output_ns
+        estimate = self._execution_ns
+        if estimate is not None and took > 4 * estimate and not self._slow_before:
+            # One run far slower than usual is most likely a preempted thread (a busy host stalls
+            # any thread for a millisecond now and then): it counts as 4x until the next run agrees.
+            self._slow_before = True
+            took = 4 * estimate
+        else:
+            self._slow_before = estimate is not None and took > 4 * estimate
         # Weighted towards the past so one fast batch does not move a slow model onto the loop.
-        self._execution_ns = took if self._execution_ns is None else 0.9 * self._execution_ns + 0.1 * took
+        self._execution_ns = took if estimate is None else 0.9 * estimate + 0.1 * took
         for work, result in zip(batch, results):
             if work.future.done():  # deadline passed or caller gone while executing
                 continue

@@ -8,6 +8,7 @@ import hpack
 import pytest
 
 from services.common.h2grpc import wire
+from services.common.h2grpc.connection import HeaderBlockDecoder
 
 
 def test_frame_head_carries_a_24_bit_length_type_flags_and_stream():
@@ -82,3 +83,46 @@ def test_settings_and_padding_are_validated():
     assert wire.unpad(wire.PADDED, b"\x02abc\x00\x00") == b"abc"
     with pytest.raises(wire.ConnectionError_):
         wire.unpad(wire.PADDED, b"\x09abc")
+
+
+# -- HPACK decoding with kept results (services.common.h2grpc.connection.HeaderBlockDecoder) -------------
+
+
+def test_a_repeated_header_block_is_decoded_once_while_the_table_stays():
+    encoder, decoder = hpack.Encoder(), HeaderBlockDecoder()
+    first = encoder.encode([(":path", "/svc/M"), ("x-key", "v")])  # literals that enter the table
+    repeat = encoder.encode([(":path", "/svc/M"), ("x-key", "v")])  # the same fields, now indexed
+    assert repeat != first
+    calls = []
+    inner = decoder._decoder.decode
+    decoder._decoder.decode = lambda block, raw: calls.append(block) or inner(block, raw=raw)
+    expected = [(b":path", b"/svc/M"), (b"x-key", b"v")]
+    assert list(decoder.decode(first)) == expected
+    for _ in range(3):
+        assert list(decoder.decode(repeat)) == expected
+    assert calls == [first, repeat]  # the first decode of `repeat` changed nothing in the table: kept
+
+
+def test_a_kept_result_is_not_used_once_the_table_has_changed():
+    encoder, decoder = hpack.Encoder(), HeaderBlockDecoder()
+    encoder.header_table_size = 100  # room for two 36-byte entries: the third evicts the first
+    assert list(decoder.decode(encoder.encode([("x-a", "1")]))) == [(b"x-a", b"1")]
+    indexed_a = encoder.encode([("x-a", "1")])
+    assert list(decoder.decode(indexed_a)) == [(b"x-a", b"1")]
+    assert list(decoder.decode(indexed_a)) == [(b"x-a", b"1")]
+    decoder.decode(encoder.encode([("x-b", "2"), ("x-c", "3")]))  # evicts x-a; index 62 is x-c now
+    indexed_c = encoder.encode([("x-c", "3")])
+    assert indexed_c == indexed_a  # the very same bytes...
+    assert list(decoder.decode(indexed_c)) == [(b"x-c", b"3")]  # ...mean another field now
+
+
+def test_a_table_size_update_makes_kept_results_stale():
+    encoder, decoder = hpack.Encoder(), HeaderBlockDecoder()
+    decoder.decode(encoder.encode([("x-a", "1"), ("x-b", "2")]))
+    indexed = encoder.encode([("x-a", "1")])
+    assert list(decoder.decode(indexed)) == [(b"x-a", b"1")]
+    encoder.header_table_size = 0  # a size update that empties the table
+    emptied = encoder.encode([("x-z", "9")])
+    assert list(decoder.decode(emptied)) == [(b"x-z", b"9")]
+    with pytest.raises(hpack.HPACKError):
+        decoder.decode(indexed)  # index 63 no longer exists: decoded again, not answered from the past

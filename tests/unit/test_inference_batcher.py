@@ -315,6 +315,35 @@ async def test_fast_batches_move_onto_the_loop_and_slow_ones_back_to_the_thread(
     await plane.close()
 
 
+async def test_one_stalled_run_does_not_move_a_fast_model_off_the_loop(tmp_path):
+    import threading
+
+    plane, backend = await loaded(tmp_path, inline_us=10_000)
+    x = np.ones((1, 4), np.float32)
+    threads = []
+    original = backend.infer
+
+    def infer(inputs, outputs):
+        threads.append(threading.current_thread())
+        return original(inputs, outputs)
+
+    backend.infer = infer
+    await plane.infer(request(x))  # measured on the thread
+    await plane.infer(request(x))  # fast: on the loop
+    backend.delay_seconds = 0.15  # one run stalls (a preempted thread): alone it would lift the average past 10 ms
+    await plane.infer(request(x))
+    backend.delay_seconds = 0
+    await plane.infer(request(x))
+    assert threads[-1] is threading.main_thread()
+    backend.delay_seconds = 0.15  # two slow runs in a row: the model did become slow
+    await plane.infer(request(x))
+    await plane.infer(request(x))
+    backend.delay_seconds = 0
+    await plane.infer(request(x))
+    assert threads[-1] is not threading.main_thread()
+    await plane.close()
+
+
 async def test_fast_batches_with_a_queue_delay_still_merge_on_the_loop(tmp_path):
     import threading
 
