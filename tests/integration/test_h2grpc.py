@@ -148,6 +148,9 @@ def echo_handlers(probe: Probe) -> grpc.GenericRpcHandler:
             probe.cancelled.set()
             raise
 
+    async def bidi_reject(request_iterator, context) -> None:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not for you")  # before reading anything
+
     async def bidi_ctx(request_iterator, context) -> None:
         # The read()/write() form: the iterator argument is ignored.
         while True:
@@ -171,6 +174,7 @@ def echo_handlers(probe: Probe) -> grpc.GenericRpcHandler:
         "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
         "BidiCtx": grpc.stream_stream_rpc_method_handler(bidi_ctx),
         "BidiHang": grpc.stream_stream_rpc_method_handler(bidi_hang),
+        "BidiReject": grpc.stream_stream_rpc_method_handler(bidi_reject),
     })
 
 
@@ -711,6 +715,51 @@ async def test_client_vanishing_mid_call_cancels_handler(echo):
     writer.close()
     await asyncio.wait_for(echo.probe.cancelled.wait(), 2)
     await assert_serves(echo.target)
+
+
+async def test_an_early_status_leaves_the_stream_open_for_the_rest_of_the_request(echo):
+    """The status of a streaming call answered before its request ends is sent without resetting the
+    stream (grpcio's asyncio clients report a write that fails on a reset stream as INTERNAL instead
+    of the status); what the client still sends is read and dropped, and the stream closes with it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", echo.port)
+    encoder = hpack.Encoder()
+
+    def headers(path: str) -> bytes:
+        return encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", echo.target),
+                               ("content-type", "application/grpc"), ("te", "trailers")])
+
+    try:
+        writer.write(PREFACE + h2_frame(4, 0, 0) + h2_frame(1, 0x4, 1, headers(f"/{SERVICE}/BidiReject")))
+        await writer.drain()
+        decoder = hpack.Decoder()
+        frames = read_frames(reader)
+        status = None
+        while status is None:
+            kind, flags, sid, payload = await asyncio.wait_for(anext(frames), 5)
+            assert not (kind == 3 and sid == 1), "stream 1 was reset"
+            if kind == 1 and sid == 1 and flags & 0x1:
+                status = dict(decoder.decode(payload))
+        assert status["grpc-status"] == "7" and status["grpc-message"] == "not for you"
+        assert 1 in echo.server.connections.copy().pop()._calls  # open until the client ends its side
+        # The client, unaware yet, sends a message and ends its side; then a new call on the connection.
+        writer.write(h2_frame(0, 0x1, 1, b"\x00" + u32(2) + b"hi")
+                     + h2_frame(1, 0x4, 3, headers(f"/{SERVICE}/Unary")) + h2_frame(0, 0x1, 3, b"\x00" + u32(2) + b"ok"))
+        await writer.drain()
+        answer = b""
+        while True:
+            kind, flags, sid, payload = await asyncio.wait_for(anext(frames), 5)
+            assert sid != 1, f"a frame of type {kind} on the finished stream 1"
+            if kind == 1:
+                decoded = dict(decoder.decode(payload))
+                if sid == 3 and flags & 0x1:
+                    assert decoded["grpc-status"] == "0"
+                    break
+            elif kind == 0 and sid == 3:
+                answer += payload
+        assert answer == b"\x00" + u32(2) + b"ok"
+        assert not echo.server.connections.copy().pop()._calls  # both streams are closed
+    finally:
+        writer.close()
 
 
 # -- sync grpcio client --------------------------------------------------------------------------------------

@@ -708,11 +708,15 @@ class _Connection(H2Connection):
             self._flush(call)
 
     def stream_sent_end(self, call: ServicerContext) -> None:
-        """Our END_STREAM went out; the stream closes once the client's request has ended too."""
-        if not call._request_closed:
-            # A response that ends before its request (an early error): the rest is not wanted.
-            self._write(wire.rst_stream(call._stream_id, wire.NO_ERROR))
-        self._forget(call)
+        """Our END_STREAM went out; the stream closes once the client's request has ended too.
+
+        A response that ends before its request (an early error, such as a rejected credential on a
+        streaming call) leaves the stream open until the client ends or resets it; what it still
+        sends is dropped. Resetting the stream at once (RST_STREAM NO_ERROR, which RFC 9113 allows)
+        makes grpcio's clients fail a request write still in flight and report INTERNAL instead of
+        the status they were sent."""
+        if call._request_closed:
+            self._forget(call)
         call._run_done_callbacks()
 
     def reset(self, call: ServicerContext, code: int) -> None:
