@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -205,12 +206,12 @@ async def test_cancelled_caller_leaves_the_queue(tmp_path):
 
 async def test_batching_disabled_runs_each_request_alone_off_the_loop(tmp_path):
     plane, backend = await loaded(tmp_path, batching=BatchingDefaults(enabled=False))
-    loop_thread = __import__("threading").get_ident()
+    loop_thread = threading.get_ident()
     threads = []
     original = type(backend).infer
 
     def record(self, inputs, names):
-        threads.append(__import__("threading").get_ident())
+        threads.append(threading.get_ident())
         return original(self, inputs, names)
 
     type(backend).infer = record
@@ -275,11 +276,9 @@ async def test_spans_queue_wait_and_linked_batch(tmp_path):
     await plane.close()
 
 
-async def test_fast_batches_move_onto_the_loop_and_slow_ones_back_to_the_thread(tmp_path):
-    import threading
 
-    plane, backend = await loaded(tmp_path, inline_us=10_000)
-    x = np.ones((2, 4), np.float32)
+def executing_threads(backend) -> list:
+    """The thread of each execution of `backend` from now on, in order."""
     threads = []
     original = backend.infer
 
@@ -288,6 +287,13 @@ async def test_fast_batches_move_onto_the_loop_and_slow_ones_back_to_the_thread(
         return original(inputs, outputs)
 
     backend.infer = infer
+    return threads
+
+
+async def test_fast_batches_move_onto_the_loop_and_slow_ones_back_to_the_thread(tmp_path):
+    plane, backend = await loaded(tmp_path, inline_us=10_000)
+    x = np.ones((2, 4), np.float32)
+    threads = executing_threads(backend)
     first = await plane.infer(request(x))  # no measurement yet: the model thread
     assert threads[-1] is not threading.main_thread()
     second = await plane.infer(request(x))  # measured fast, nothing waiting: at once, on the loop
@@ -316,18 +322,9 @@ async def test_fast_batches_move_onto_the_loop_and_slow_ones_back_to_the_thread(
 
 
 async def test_one_stalled_run_does_not_move_a_fast_model_off_the_loop(tmp_path):
-    import threading
-
     plane, backend = await loaded(tmp_path, inline_us=10_000)
     x = np.ones((1, 4), np.float32)
-    threads = []
-    original = backend.infer
-
-    def infer(inputs, outputs):
-        threads.append(threading.current_thread())
-        return original(inputs, outputs)
-
-    backend.infer = infer
+    threads = executing_threads(backend)
     await plane.infer(request(x))  # measured on the thread
     await plane.infer(request(x))  # fast: on the loop
     backend.delay_seconds = 0.15  # one run stalls (a preempted thread): alone it would lift the average past 10 ms
@@ -349,14 +346,7 @@ async def test_fast_batches_with_a_queue_delay_still_merge_on_the_loop(tmp_path)
 
     batching = BatchingDefaults(max_queue_delay_us=20_000)
     plane, backend = await loaded(tmp_path, inline_us=10_000, batching=batching)
-    threads = []
-    original = backend.infer
-
-    def infer(inputs, outputs):
-        threads.append(threading.current_thread())
-        return original(inputs, outputs)
-
-    backend.infer = infer
+    threads = executing_threads(backend)
     await plane.infer(request(np.ones((1, 4), np.float32)))  # measured on the thread
     before = len(backend.executions)
     responses = await asyncio.gather(*(plane.infer(request(np.full((1, 4), i, np.float32))) for i in range(5)))
