@@ -762,6 +762,109 @@ async def test_an_early_status_leaves_the_stream_open_for_the_rest_of_the_reques
         writer.close()
 
 
+def request_headers(encoder: hpack.Encoder, target: str, method: str) -> bytes:
+    return encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", f"/{SERVICE}/{method}"),
+                           (":authority", target), ("content-type", "application/grpc"), ("te", "trailers")])
+
+
+async def goaway_code(reader: asyncio.StreamReader, within: float = 5.0) -> int:
+    """The error code of the GOAWAY the server sends before it closes the connection."""
+
+    async def find() -> int:
+        async for kind, _flags, _sid, payload in read_frames(reader):
+            if kind == 7:
+                return int.from_bytes(payload[4:8], "big")
+        raise AssertionError("closed without GOAWAY")
+
+    return await asyncio.wait_for(find(), within)
+
+
+async def test_rapid_reset_flood_ends_the_connection_and_the_server_keeps_serving(echo):
+    """HTTP/2 rapid reset (CVE-2023-44487): streams opened and reset at once, far faster than any real
+    client cancels, end the connection with ENHANCE_YOUR_CALM."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", echo.port)
+    encoder = hpack.Encoder()
+    try:
+        burst = b"".join(h2_frame(1, 0x4, 2 * i + 1, request_headers(encoder, echo.target, "Sleep"))
+                         + h2_frame(3, 0, 2 * i + 1, u32(8)) for i in range(5000))
+        writer.write(PREFACE + h2_frame(4, 0, 0) + burst)
+        with contextlib.suppress(ConnectionResetError):
+            await writer.drain()
+        assert await goaway_code(reader) == 0xB
+    finally:
+        writer.close()
+    await assert_serves(echo.target)
+
+
+async def test_cancels_at_a_real_clients_pace_are_fine(echo, channel):
+    reader, writer = await asyncio.open_connection("127.0.0.1", echo.port)
+    encoder = hpack.Encoder()
+    try:
+        writer.write(PREFACE + h2_frame(4, 0, 0))
+        for i in range(200):  # 200 open-and-cancel pairs: within the burst any client may use
+            writer.write(h2_frame(1, 0x4, 2 * i + 1, request_headers(encoder, echo.target, "Sleep"))
+                         + h2_frame(3, 0, 2 * i + 1, u32(8)))
+        writer.write(h2_frame(1, 0x4, 401, request_headers(encoder, echo.target, "Unary"))
+                     + h2_frame(0, 0x1, 401, b"\x00" + u32(2) + b"ok"))
+        await writer.drain()
+        assert await asyncio.wait_for(read_grpc_status(reader, 401), 5) == "0"
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("frame", [h2_frame(6, 0, 0, b"12345678"), h2_frame(4, 0, 0)], ids=["PING", "SETTINGS"])
+async def test_control_frame_floods_end_the_connection(echo, frame):
+    reader, writer = await asyncio.open_connection("127.0.0.1", echo.port)
+    try:
+        writer.write(PREFACE + h2_frame(4, 0, 0) + frame * 5000)
+        with contextlib.suppress(ConnectionResetError):
+            await writer.drain()
+        assert await goaway_code(reader) == 0xB
+    finally:
+        writer.close()
+    await assert_serves(echo.target)
+
+
+async def test_pings_while_our_answers_go_unread_end_the_connection(echo):
+    """A client that stops reading cannot make the server buffer PING answers without bound."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", echo.port)
+    encoder = hpack.Encoder()
+    try:
+        # Windows wide open, then 64 MiB of responses the client never reads: the server's buffer fills.
+        writer.write(PREFACE + h2_frame(4, 0, 0, (4).to_bytes(2, "big") + u32(2**31 - 1))
+                     + h2_frame(8, 0, 0, u32(2**31 - 1 - 65535))
+                     + h2_frame(1, 0x4, 1, request_headers(encoder, echo.target, "StreamGen"))
+                     + h2_frame(0, 0x1, 1, b"\x00" + u32(10) + b"256,262144"))
+        await writer.drain()
+        connection = None
+        for _ in range(500):
+            connection = next(iter(echo.server.connections), None)
+            if connection is not None and connection.write_paused:
+                break
+            await asyncio.sleep(0.01)
+        assert connection is not None and connection.write_paused
+        writer.write(h2_frame(6, 0, 0, b"12345678"))
+        await writer.drain()
+        for _ in range(500):
+            if connection._closed:
+                break
+            await asyncio.sleep(0.01)
+        assert connection._closed
+    finally:
+        writer.close()
+    await assert_serves(echo.target)
+
+
+async def test_a_client_preface_without_settings_is_a_protocol_error(echo):
+    reader, writer = await asyncio.open_connection("127.0.0.1", echo.port)
+    try:
+        writer.write(PREFACE + h2_frame(6, 0, 0, b"12345678"))
+        await writer.drain()
+        assert await goaway_code(reader) == 0x1
+    finally:
+        writer.close()
+
+
 # -- sync grpcio client --------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ import hpack
 import pytest
 
 from services.common.h2grpc import wire
-from services.common.h2grpc.connection import HeaderBlockDecoder
+from services.common.h2grpc.connection import FloodGuard, HeaderBlockDecoder
 
 
 def test_frame_head_carries_a_24_bit_length_type_flags_and_stream():
@@ -126,3 +126,13 @@ def test_a_table_size_update_makes_kept_results_stale():
     assert list(decoder.decode(emptied)) == [(b"x-z", b"9")]
     with pytest.raises(hpack.HPACKError):
         decoder.decode(indexed)  # index 63 no longer exists: decoded again, not answered from the past
+
+
+def test_flood_guard_allows_bursts_then_the_rate():
+    now = [0.0]
+    guard = FloodGuard(rate=10, burst=2, clock=lambda: now[0])
+    assert [guard.allow() for _ in range(3)] == [True, True, False]
+    now[0] += 0.1  # one event's worth of time
+    assert [guard.allow(), guard.allow()] == [True, False]
+    now[0] += 60  # a long quiet spell refills only up to the burst
+    assert [guard.allow() for _ in range(3)] == [True, True, False]

@@ -8,6 +8,8 @@ concern their streams: DATA, complete header blocks, stream window updates, RST_
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 import hpack
 
@@ -19,6 +21,33 @@ STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 16 << 20
 MAX_FRAME_SIZE = 1 << 20  # what we accept; fewer, larger DATA frames for big tensors
 MAX_HEADER_LIST_SIZE = 64 << 10
+# Control frames that make us answer (PING, SETTINGS): at most this many a second per connection,
+# bursts of twice that. Real peers send a few; a flood (CVE-2019-9512, -9515) ends the connection.
+CONTROL_FRAMES_PER_SECOND = 500
+
+
+class FloodGuard:
+    """A token bucket: `allow()` turns false once events come faster than `rate` a second for longer
+    than a burst of `burst` allows."""
+
+    __slots__ = ("_rate", "_burst", "_tokens", "_stamp", "_clock")
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._tokens = burst
+        self._clock = clock
+        self._stamp = clock()
+
+    def allow(self) -> bool:
+        now = self._clock()
+        tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if tokens < 1:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1
+        return True
 
 
 class HeaderBlockDecoder:
@@ -79,6 +108,22 @@ class H2Connection(asyncio.Protocol):
         self._recv_window = CONNECTION_WINDOW
         self._recv_uncredited = 0
         self._closed = False
+        self.write_paused = False  # the transport's buffer is over its high-water mark
+        self._control_frames = FloodGuard(CONTROL_FRAMES_PER_SECOND, 2 * CONTROL_FRAMES_PER_SECOND)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+
+    def _answer_control_frame(self, what: str) -> None:
+        """Before answering a PING or SETTINGS: a peer that floods them, or sends them while it leaves
+        our answers unread (our buffer would only grow), loses the connection."""
+        if self.write_paused:
+            raise ConnectionError_(wire.ENHANCE_YOUR_CALM, f"{what} frames while our answers go unread")
+        if not self._control_frames.allow():
+            raise ConnectionError_(wire.ENHANCE_YOUR_CALM, f"too many {what} frames")
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -132,6 +177,7 @@ class H2Connection(asyncio.Protocol):
                 if length != 8 or stream_id:
                     raise ConnectionError_(wire.FRAME_SIZE_ERROR if length != 8 else wire.PROTOCOL_ERROR, "bad PING")
                 if not flags & wire.ACK:
+                    self._answer_control_frame("PING")
                     self._write(wire.frame(wire.PING, wire.ACK, 0, payload))
                 else:
                     self._on_ping_ack(payload)
@@ -187,6 +233,7 @@ class H2Connection(asyncio.Protocol):
             raise ConnectionError_(wire.PROTOCOL_ERROR, "SETTINGS on a stream")
         if flags & wire.ACK:
             return
+        self._answer_control_frame("SETTINGS")
         for key, value in wire.parse_settings(payload):
             if key == wire.SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > wire.MAX_WINDOW:

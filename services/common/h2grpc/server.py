@@ -9,7 +9,9 @@ whole response (headers, message, trailers) in one send from that same callback.
 Scope (RFC 9113 and grpc/doc/PROTOCOL-HTTP2.md): cleartext HTTP/2 with prior knowledge and TLS with
 ALPN h2; all four call shapes; deadlines (grpc-timeout), cancellation (RST_STREAM), metadata and
 `-bin` metadata, trailers and trailers-only responses, gzip-compressed requests, flow control both
-ways, GOAWAY on shutdown, grpc.aio server interceptors and generated `add_*_to_server` functions.
+ways, GOAWAY on shutdown, grpc.aio server interceptors and generated `add_*_to_server` functions;
+limits on abuse: streams reset as fast as they open (rapid reset), PING and SETTINGS floods, PINGs
+from a peer that leaves our answers unread (ENHANCE_YOUR_CALM), a preface not followed by SETTINGS.
 Handlers see a context with grpc.aio's ServicerContext methods (see `ServicerContext`).
 Not here: server push (gRPC never uses it), compressing responses, HTTP/2 priorities (ignored).
 """
@@ -27,12 +29,14 @@ import grpc
 
 from services.common.aio import start_eagerly
 from services.common.h2grpc import wire
-from services.common.h2grpc.connection import STREAM_WINDOW, H2Connection
+from services.common.h2grpc.connection import STREAM_WINDOW, FloodGuard, H2Connection
 from services.common.h2grpc.wire import ConnectionError_
 
 # Complete request messages a stream may hold that its handler has not read yet, before we stop
 # replenishing the stream's window (backpressure on a client that streams faster than we serve).
 STREAM_QUEUE_LIMIT = 4 << 20
+# Streams a client may reset a second (bursts of twice that) before the connection is closed.
+RESETS_PER_SECOND = 1000
 # Response bytes a streaming handler may have waiting for window before `write` waits.
 WRITE_BUFFER_LIMIT = 1 << 20
 
@@ -417,7 +421,10 @@ class _Connection(H2Connection):
         self.server = server
         self.loop = server.loop
         self.peer = "unknown"
-        self.write_paused = False
+        # Streams a client opens and resets at once still start their handlers: a flood of them
+        # (HTTP/2 rapid reset, CVE-2023-44487) ends the connection.
+        self._resets = FloodGuard(RESETS_PER_SECOND, 2 * RESETS_PER_SECOND)
+        self._settings_seen = False
         self._preface = False
         self._calls: dict[int, ServicerContext] = {}
         self._last_stream_id = 0
@@ -443,11 +450,8 @@ class _Connection(H2Connection):
             call._cancel()
         self._blocked.clear()
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
     def resume_writing(self) -> None:
-        self.write_paused = False
+        super().resume_writing()
         for call in list(self._calls.values()):
             call._wake_writer()
 
@@ -466,6 +470,10 @@ class _Connection(H2Connection):
                 raise ConnectionError_(wire.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
             self._preface = True
             position = len(wire.PREFACE)
+        if not self._settings_seen and len(buffer) - position >= 9:
+            if buffer[position + 3] != wire.SETTINGS:  # RFC 9113 §3.4: the preface ends with SETTINGS
+                raise ConnectionError_(wire.PROTOCOL_ERROR, "the client preface must end with a SETTINGS frame")
+            self._settings_seen = True
         self._receive_frames(buffer, position)
 
     def _on_header_block(self, stream_id: int, flags: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -631,6 +639,8 @@ class _Connection(H2Connection):
             raise ConnectionError_(wire.PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
         call = self._calls.pop(stream_id, None)
         if call is not None:
+            if not self._resets.allow():
+                raise ConnectionError_(wire.ENHANCE_YOUR_CALM, "too many streams reset by the client")
             self._blocked.pop(stream_id, None)
             call._cancel()
             self._maybe_close()
