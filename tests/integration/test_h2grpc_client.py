@@ -1089,3 +1089,38 @@ async def test_close_sends_goaway_and_ends_open_streams(scripted, connections):
     frames = await asyncio.wait_for(peer.until_eof(), WAIT)
     assert [(kind, payload) for kind, _, _, payload in frames if kind == wire.GOAWAY] == [
         (wire.GOAWAY, wire.goaway(0, wire.NO_ERROR)[9:])]
+
+
+class RecordingTransport(asyncio.Transport):
+    """A transport that keeps what is written (for frame-level checks without a socket)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+async def test_server_pings_are_answered_while_our_own_requests_fill_the_buffer():
+    """A client's buffer fills with its own requests when the server is slow; the server's pings are
+    no flood then (a server, by contrast, refuses PINGs while its answers go unread)."""
+    conn = H2GrpcConnection("node:1")
+    transport = RecordingTransport()
+    conn.connection_made(transport)
+    conn.pause_writing()
+    sent = len(transport.written)
+    conn.data_received(wire.settings_frame({}) + wire.frame(wire.PING, 0, 0, b"pingpong"))
+    assert not transport.closed and not conn.lost.done()
+    assert transport.written[sent:].endswith(wire.frame(wire.PING, wire.ACK, 0, b"pingpong"))
+    conn.close()

@@ -97,6 +97,10 @@ class HeaderBlockDecoder:
 class H2Connection(asyncio.Protocol):
     """Frame handling shared by both ends; `_receive_frames` feeds the handlers below."""
 
+    # A client's buffer fills with its own requests when the server is slow: the server's pings are
+    # no abuse then. A server's fills with answers its client does not read.
+    refuse_control_frames_while_paused = False
+
     def __init__(self) -> None:
         self.peer_initial_window = wire.DEFAULT_WINDOW
         self.peer_max_frame = wire.DEFAULT_MAX_FRAME
@@ -118,9 +122,9 @@ class H2Connection(asyncio.Protocol):
         self.write_paused = False
 
     def _answer_control_frame(self, what: str) -> None:
-        """Before answering a PING or SETTINGS: a peer that floods them, or sends them while it leaves
-        our answers unread (our buffer would only grow), loses the connection."""
-        if self.write_paused:
+        """Before answering a PING or SETTINGS: a peer that floods them, or (on a server) sends them
+        while it leaves our answers unread (our buffer would only grow), loses the connection."""
+        if self.write_paused and self.refuse_control_frames_while_paused:
             raise ConnectionError_(wire.ENHANCE_YOUR_CALM, f"{what} frames while our answers go unread")
         if not self._control_frames.allow():
             raise ConnectionError_(wire.ENHANCE_YOUR_CALM, f"too many {what} frames")

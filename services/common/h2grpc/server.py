@@ -416,6 +416,8 @@ class RequestStream:
 
 
 class _Connection(H2Connection):
+    refuse_control_frames_while_paused = True
+
     def __init__(self, server: H2GrpcServer) -> None:
         super().__init__()
         self.server = server
