@@ -92,6 +92,22 @@ async def test_kill_9_of_a_node_under_load_fails_no_request(etcd_server, tmp_pat
         mesh.stop()
 
 
+async def _control_plane_answers(channel: grpc.aio.Channel) -> bool:
+    from aimaas.registry.v1 import registry_pb2, registry_pb2_grpc
+    from aimaas.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    try:
+        await registry_pb2_grpc.RegistryServiceStub(channel).ListModels(registry_pb2.ListModelsRequest(), timeout=5)
+        await scheduler_pb2_grpc.SchedulerServiceStub(channel).ListDeployments(
+            scheduler_pb2.ListDeploymentsRequest(), timeout=5
+        )
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() is grpc.StatusCode.UNAVAILABLE:
+            return False
+        raise
+    return True
+
+
 async def test_routing_keeps_working_while_etcd_is_stopped(restartable_etcd, tmp_path):
     mesh = start_mesh(_etcd(restartable_etcd.endpoint), tmp_path)
     try:
@@ -114,6 +130,9 @@ async def test_routing_keeps_working_while_etcd_is_stopped(restartable_etcd, tmp
                 finally:
                     restartable_etcd.start()
                 print(f"\netcd stopped for 5s: {served} requests served from the cached routing table")
+                # The registry and scheduler answer UNAVAILABLE until their etcd channels reconnect
+                # (what a client retries); the deployment below is made once they answer again.
+                await eventually(lambda: _control_plane_answers(channel), 60, "registry and scheduler back")
                 # The watch resumes: a deployment made after the outage is routed by the same gateway.
                 await deploy(gateway, "after", [mlp_bytes(seed=33)], min_replicas=1, timeout=90)
                 response = await stub.ModelInfer(_request("after"), timeout=20)
