@@ -24,8 +24,6 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.errors import AimaasError, grpc_status_for, http_status_for
@@ -120,16 +118,14 @@ def build_http_app(
         docs(app)
     mapper = ErrorMapper(retry_after_seconds=limits.retry_after_seconds, logger=log)
     install_error_handlers(app, mapper)
-    if telemetry is not None:
-        tracer = telemetry.tracer("services.gateway.http")
-    else:
-        tracer = TracerProvider(sampler=ALWAYS_OFF).get_tracer("services.gateway.http")
+    # Without an exporter the edge records no spans, but still mints trace ids for the access log
+    # and the upstream metadata.
+    exporting = telemetry is not None and telemetry.exporting
     app.edge = EdgeMiddleware(
         InferFastPath(app.fastapi_call, infer=infer, on_error=mapper),
-        authenticator=auth, limits=limits, tracer=tracer, logger=log.bind(kind="access"),
+        authenticator=auth, limits=limits, logger=log.bind(kind="access"),
+        tracer=telemetry.tracer("services.gateway.http") if exporting else None,
         unlimited_body=_is_model_upload if management_router is not None else None,
-        # Not recording, but still minting trace ids for the access log and the upstream metadata.
-        record_spans=telemetry is not None and telemetry.exporting,
     )
     return app
 

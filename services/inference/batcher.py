@@ -465,13 +465,12 @@ class Batcher:
         self._stats.record_execution(rows, len(batch), input_ns, infer_ns, output_ns)
         took = input_ns + infer_ns + output_ns
         estimate = self._execution_ns
-        if estimate is not None and took > 4 * estimate and not self._slow_before:
+        slow = estimate is not None and took > 4 * estimate
+        if slow and not self._slow_before:
             # One run far slower than usual is most likely a preempted thread (a busy host stalls
             # any thread for a millisecond now and then): it counts as 4x until the next run agrees.
-            self._slow_before = True
             took = 4 * estimate
-        else:
-            self._slow_before = estimate is not None and took > 4 * estimate
+        self._slow_before = slow
         # Weighted towards the past so one fast batch does not move a slow model onto the loop.
         self._execution_ns = took if estimate is None else 0.9 * estimate + 0.1 * took
         for work, result in zip(batch, results):

@@ -174,6 +174,22 @@ async def test_a_broken_stream_fails_its_waiting_requests_as_unavailable_and_is_
     assert servicer.streams == 2
 
 
+async def test_a_request_over_the_message_limit_is_refused_and_leaves_the_stream_alone(scripted):
+    servicer, address = scripted
+    small = Upstream(eject_seconds=1.0, max_message_bytes=1024)
+    try:
+        stream = small.stream(address)
+        big = pb.ModelInferRequest(model_name="echo", raw_input_contents=[b"x" * 2048])
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stream.infer(big, 5.0)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in info.value.details()
+        assert stream.pending == 0 and not stream.closed
+        assert (await stream.infer(pb.ModelInferRequest(model_name="echo", id="small"), 5.0)).id == "small"
+        assert [r.model_name for r in servicer.received] == ["echo"]  # the big one never went out
+    finally:
+        await small.close()
+
+
 async def test_a_node_that_is_gone_fails_fast_as_unavailable(upstream):
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await upstream.stream("127.0.0.1:1").infer(pb.ModelInferRequest(model_name="echo"), 5.0)

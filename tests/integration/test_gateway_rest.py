@@ -102,11 +102,12 @@ async def node(repository):
 
 @contextlib.asynccontextmanager
 async def gateway(node, *, limits: LimitSettings | None = None, auth: AuthSettings | None = None, logger=None,
-                  store: ApiKeyStore | None = None):
+                  store: ApiKeyStore | None = None, telemetry=None):
     settings = GatewaySettings(gateway=GatewayServerSettings(
         limits=limits or LimitSettings(), auth=auth or AuthSettings(enabled=False)))
     dataplane = NodeDataPlane(node.grpc.address)
-    app = build_http_app(dataplane, Authenticator(store, settings.gateway.auth), settings, logger=logger)
+    app = build_http_app(dataplane, Authenticator(store, settings.gateway.auth), settings, logger=logger,
+                         telemetry=telemetry)
     server = await serve_http(app, "127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{server.port}", dataplane
@@ -352,6 +353,31 @@ async def test_traceparent_reaches_the_data_plane_and_the_access_log(node):
     assert first["model"] == "mlp" and first["trace_id"] == trace_id and first["duration_ms"] > 0
     assert "key_id" in first
     assert second["status"] == 404 and second["model"] == "nope" and len(second["trace_id"]) == 32
+
+
+async def test_with_an_exporter_the_edge_records_a_server_span_in_the_callers_trace(node):
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.common.settings import TelemetrySettings
+    from services.common.tracing import setup_telemetry
+
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry(TelemetrySettings(), "gateway", extra_processors=[SimpleSpanProcessor(exporter)])
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with gateway(node, telemetry=telemetry) as (url, dataplane), httpx.AsyncClient(base_url=url) as client:
+        response = await client.post(
+            "/v2/models/mlp/infer",
+            json={"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]},
+            headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+        )
+        assert response.status_code == 200
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "HTTP POST"]
+    assert format(span.context.trace_id, "032x") == trace_id and span.parent.span_id == 0x00F067AA0BA902B7
+    assert span.attributes["http.target"] == "/v2/models/mlp/infer" and span.attributes["http.status_code"] == 200
+    (metadata,) = dataplane.infer_metadata  # the upstream call's parent is this span
+    assert dict(metadata)["traceparent"].split("-")[2] == format(span.context.span_id, "016x")
+    telemetry.shutdown()
 
 
 # ----------------------------------------------------------------------------------- error paths

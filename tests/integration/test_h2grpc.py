@@ -717,19 +717,19 @@ async def test_client_vanishing_mid_call_cancels_handler(echo):
     await assert_serves(echo.target)
 
 
+def request_headers(encoder: hpack.Encoder, target: str, method: str) -> bytes:
+    return encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", f"/{SERVICE}/{method}"),
+                           (":authority", target), ("content-type", "application/grpc"), ("te", "trailers")])
+
+
 async def test_an_early_status_leaves_the_stream_open_for_the_rest_of_the_request(echo):
     """The status of a streaming call answered before its request ends is sent without resetting the
     stream (grpcio's asyncio clients report a write that fails on a reset stream as INTERNAL instead
     of the status); what the client still sends is read and dropped, and the stream closes with it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", echo.port)
     encoder = hpack.Encoder()
-
-    def headers(path: str) -> bytes:
-        return encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", echo.target),
-                               ("content-type", "application/grpc"), ("te", "trailers")])
-
     try:
-        writer.write(PREFACE + h2_frame(4, 0, 0) + h2_frame(1, 0x4, 1, headers(f"/{SERVICE}/BidiReject")))
+        writer.write(PREFACE + h2_frame(4, 0, 0) + h2_frame(1, 0x4, 1, request_headers(encoder, echo.target, "BidiReject")))
         await writer.drain()
         decoder = hpack.Decoder()
         frames = read_frames(reader)
@@ -743,7 +743,8 @@ async def test_an_early_status_leaves_the_stream_open_for_the_rest_of_the_reques
         assert 1 in echo.server.connections.copy().pop()._calls  # open until the client ends its side
         # The client, unaware yet, sends a message and ends its side; then a new call on the connection.
         writer.write(h2_frame(0, 0x1, 1, b"\x00" + u32(2) + b"hi")
-                     + h2_frame(1, 0x4, 3, headers(f"/{SERVICE}/Unary")) + h2_frame(0, 0x1, 3, b"\x00" + u32(2) + b"ok"))
+                     + h2_frame(1, 0x4, 3, request_headers(encoder, echo.target, "Unary"))
+                     + h2_frame(0, 0x1, 3, b"\x00" + u32(2) + b"ok"))
         await writer.drain()
         answer = b""
         while True:
@@ -762,11 +763,6 @@ async def test_an_early_status_leaves_the_stream_open_for_the_rest_of_the_reques
         writer.close()
 
 
-def request_headers(encoder: hpack.Encoder, target: str, method: str) -> bytes:
-    return encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", f"/{SERVICE}/{method}"),
-                           (":authority", target), ("content-type", "application/grpc"), ("te", "trailers")])
-
-
 async def goaway_code(reader: asyncio.StreamReader, within: float = 5.0) -> int:
     """The error code of the GOAWAY the server sends before it closes the connection."""
 
@@ -779,15 +775,11 @@ async def goaway_code(reader: asyncio.StreamReader, within: float = 5.0) -> int:
     return await asyncio.wait_for(find(), within)
 
 
-async def test_rapid_reset_flood_ends_the_connection_and_the_server_keeps_serving(echo):
-    """HTTP/2 rapid reset (CVE-2023-44487): streams opened and reset at once, far faster than any real
-    client cancels, end the connection with ENHANCE_YOUR_CALM."""
+async def assert_calmed(echo: Running, flood: bytes) -> None:
+    """`flood` after the preface ends the connection with GOAWAY ENHANCE_YOUR_CALM; others are served."""
     reader, writer = await asyncio.open_connection("127.0.0.1", echo.port)
-    encoder = hpack.Encoder()
     try:
-        burst = b"".join(h2_frame(1, 0x4, 2 * i + 1, request_headers(encoder, echo.target, "Sleep"))
-                         + h2_frame(3, 0, 2 * i + 1, u32(8)) for i in range(5000))
-        writer.write(PREFACE + h2_frame(4, 0, 0) + burst)
+        writer.write(PREFACE + h2_frame(4, 0, 0) + flood)
         with contextlib.suppress(ConnectionResetError):
             await writer.drain()
         assert await goaway_code(reader) == 0xB
@@ -796,7 +788,15 @@ async def test_rapid_reset_flood_ends_the_connection_and_the_server_keeps_servin
     await assert_serves(echo.target)
 
 
-async def test_cancels_at_a_real_clients_pace_are_fine(echo, channel):
+async def test_rapid_reset_flood_ends_the_connection_and_the_server_keeps_serving(echo):
+    """HTTP/2 rapid reset (CVE-2023-44487): streams opened and reset at once, far faster than any real
+    client cancels, end the connection with ENHANCE_YOUR_CALM."""
+    encoder = hpack.Encoder()
+    await assert_calmed(echo, b"".join(h2_frame(1, 0x4, 2 * i + 1, request_headers(encoder, echo.target, "Sleep"))
+                                       + h2_frame(3, 0, 2 * i + 1, u32(8)) for i in range(5000)))
+
+
+async def test_cancels_at_a_real_clients_pace_are_fine(echo):
     reader, writer = await asyncio.open_connection("127.0.0.1", echo.port)
     encoder = hpack.Encoder()
     try:
@@ -814,15 +814,7 @@ async def test_cancels_at_a_real_clients_pace_are_fine(echo, channel):
 
 @pytest.mark.parametrize("frame", [h2_frame(6, 0, 0, b"12345678"), h2_frame(4, 0, 0)], ids=["PING", "SETTINGS"])
 async def test_control_frame_floods_end_the_connection(echo, frame):
-    reader, writer = await asyncio.open_connection("127.0.0.1", echo.port)
-    try:
-        writer.write(PREFACE + h2_frame(4, 0, 0) + frame * 5000)
-        with contextlib.suppress(ConnectionResetError):
-            await writer.drain()
-        assert await goaway_code(reader) == 0xB
-    finally:
-        writer.close()
-    await assert_serves(echo.target)
+    await assert_calmed(echo, frame * 5000)
 
 
 async def test_pings_while_our_answers_go_unread_end_the_connection(echo):

@@ -12,7 +12,7 @@ from aimaas.types.v1 import types_pb2 as tpb
 from services.common.errors import NotFound, Unavailable
 from services.common.etcd import KeyBuilder, to_json
 from services.gateway.routing import Replica, Route, RoutingState, VersionRoute, choose_replica, choose_version
-from services.gateway.upstream import Upstream
+from services.gateway.upstream import Upstream, split_host_port
 
 KEYS = KeyBuilder("/t/aimaas/v1")
 READY, LOADING = tpb.REPLICA_STATE_READY, tpb.REPLICA_STATE_LOADING
@@ -216,3 +216,12 @@ def test_statistics_of_replicas_are_summed_under_the_deployment_name():
     for bad in ("0", "-1", "v1", "١"):
         with pytest.raises(Exception, match="positive integer"):
             parse_version("m", bad)
+
+
+def test_node_addresses_split_into_host_and_port():
+    assert split_host_port("10.0.0.7:8001") == ("10.0.0.7", 8001)
+    assert split_host_port("node-a.mesh:9000") == ("node-a.mesh", 9000)
+    assert split_host_port("[::1]:8001") == ("::1", 8001)
+    for bad in ("10.0.0.7", ":8001", "host:", "host:port"):
+        with pytest.raises(ValueError, match="host:port"):
+            split_host_port(bad)

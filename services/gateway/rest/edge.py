@@ -127,16 +127,14 @@ class EdgeMiddleware:
         *,
         authenticator: Any,
         limits: LimitSettings,
-        tracer: trace.Tracer,
+        tracer: trace.Tracer | None,
         logger: structlog.stdlib.BoundLogger,
         unlimited_body: Callable[[str, str], bool] | None = None,
-        record_spans: bool = True,
     ) -> None:
-        """`unlimited_body(method, path)`: requests whose body the limit does not apply to (streamed
-        uploads that the upstream service bounds itself while they stream). `record_spans`: False
-        when spans go nowhere (no exporter)."""
+        """`tracer`: None when spans go nowhere (no exporter). `unlimited_body(method, path)`: requests
+        whose body the limit does not apply to (streamed uploads that the upstream service bounds
+        itself while they stream)."""
         self.app = app
-        self._record_spans = record_spans
         self._unlimited_body = unlimited_body or (lambda _method, _path: False)
         self._auth = authenticator
         self._limits = limits
@@ -199,7 +197,7 @@ class EdgeMiddleware:
             )
 
     def _server_span(self, method: str, path: str, parent: otel_context.Context | None) -> Span:
-        if self._record_spans:
+        if self._tracer is not None:
             return self._tracer.start_span(f"HTTP {method}", context=parent, kind=SpanKind.SERVER,
                                            attributes={"http.method": method, "http.target": path})
         # Spans go nowhere: fresh ids in the caller's trace (or a new one) are all the access log and
