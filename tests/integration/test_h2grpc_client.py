@@ -116,10 +116,24 @@ async def loop_errors():
     loop = asyncio.get_running_loop()
     errors: list[dict] = []
     previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _, context: errors.append(context))
+
+    def record(_, context: dict) -> None:
+        if not _grpcio_poller_of_a_closed_loop(context):
+            errors.append(context)
+
+    loop.set_exception_handler(record)
     yield errors
     loop.set_exception_handler(previous)
     assert not errors, errors
+
+
+def _grpcio_poller_of_a_closed_loop(context: dict) -> bool:
+    """grpc.aio's process-wide completion poller runs on whichever loop is current and hands each event
+    to the loop its operation started on; an event still owed to an earlier test's grpcio server (each
+    test has its own loop) fails there with 'Event loop is closed'. That is grpcio's, not our client's."""
+    exception = context.get("exception")
+    return (isinstance(exception, RuntimeError) and "Event loop is closed" in str(exception)
+            and "PollerCompletionQueue" in repr(context.get("handle")))
 
 
 @pytest.fixture
