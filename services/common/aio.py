@@ -8,6 +8,7 @@ import contextlib
 import contextvars
 import random
 import sys
+import time
 import types
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
@@ -225,6 +226,27 @@ class Backoff:
         delay = self._next
         self._next = min(self._next * 2, self._maximum)
         return delay * random.uniform(0.8, 1.2)
+
+
+def poll_while_pending(future: asyncio.Future[Any], seconds: float) -> None:
+    """Keep the event loop polling its sockets (a zero-timeout wait) instead of sleeping, until
+    `future` is done or `seconds` have passed, whichever comes first.
+
+    An answer expected within microseconds (a small model on a nearby node) is then read by a
+    running process: a sleeping one must be woken by the kernel first, which costs the sender a
+    wake-up and the receiver its scheduling latency, tens of µs on the critical path and most in
+    VMs, where an idle vCPU halts. It is the idle poll of reactors such as Seastar's. The price is
+    CPU while nothing else runs: one short callback per loop iteration, for at most `seconds` per
+    call. Other work on the loop goes on as usual meanwhile.
+    """
+    loop = future.get_loop()
+    until = time.monotonic() + seconds  # not loop.time(): uvloop's is cached per iteration, in ms
+
+    def again() -> None:
+        if not future.done() and time.monotonic() < until:
+            loop.call_soon(again)
+
+    loop.call_soon(again)
 
 
 def run_service(main: Coroutine[Any, Any, None]) -> None:

@@ -76,6 +76,7 @@ class GatewayApp:
             eject_seconds=config.replica_eject_seconds,
             max_message_bytes=config.limits.max_body_bytes,
             interceptors=self.telemetry.client_interceptors(),
+            poll_seconds=config.upstream_poll_microseconds / 1e6,
         )
         self.routing = RoutingWatcher(self.etcd, logger=self.log, on_change=self._routing_changed)
         interceptors = self.telemetry.client_interceptors() or None

@@ -1,5 +1,6 @@
 """The gateway's HTTP app: OIP REST routes, the /v1 management API and docs, the edge middleware and
-the one error mapping, plus a uvicorn runner for the composition root.
+the one error mapping, plus a uvicorn runner for the composition root whose protocol hands simple
+inference requests to the inference lane (services.gateway.rest.lane) and the rest to the app.
 
 Every error leaves as `{"error": "..."}` with the status of services.common.errors.http_status_for
 (domain errors, and gRPC errors passed through from upstream services). FastAPI's own request
@@ -26,28 +27,31 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.common.aio import start_eagerly
 from services.common.errors import AimaasError, grpc_status_for, http_status_for
 from services.common.tracing import Telemetry
 from services.gateway.rest.codec import BodyTooLargeAfterDecoding
 from services.gateway.rest.edge import BodyTooLarge, EdgeMiddleware, error_response, validation_message
+from services.gateway.rest.lane import InferLane
 from services.gateway.rest.oip import InferFastPath, build_oip_routes
 from services.gateway.settings import GatewaySettings
 
 
 
 class ErrorMapper:
-    """Exception -> `{"error": ...}` response: the one mapping, used by the app's exception handlers and
-    by the inference fast path."""
+    """Exception -> `{"error": ...}` response: the one mapping, used by the app's exception handlers, by
+    the inference fast path and by the inference lane."""
 
     def __init__(self, *, retry_after_seconds: int, logger: structlog.stdlib.BoundLogger) -> None:
         self._retry_after = {"Retry-After": str(retry_after_seconds)}
         self._log = logger
 
-    def _status(self, code: grpc.StatusCode, message: str) -> Response:
+    def _status(self, code: grpc.StatusCode, message: str) -> tuple[int, str, dict[str, str] | None]:
         status = http_status_for(code)
-        return error_response(status, message, self._retry_after if status == 429 else None)
+        return status, message, self._retry_after if status == 429 else None
 
-    def __call__(self, request: Request, exc: Exception) -> Response:
+    def error(self, exc: Exception, path: str) -> tuple[int, str, dict[str, str] | None]:
+        """(status, message, extra headers) of the error response for `exc`, raised serving `path`."""
         if isinstance(exc, (AimaasError, grpc.aio.AioRpcError)):
             code, message = grpc_status_for(exc)
             if (
@@ -55,20 +59,23 @@ class ErrorMapper:
                 and http_status_for(code) >= 500
                 and code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             ):
-                self._log.warning("upstream call failed", path=request.url.path, code=code.name, details=exc.details())
+                self._log.warning("upstream call failed", path=path, code=code.name, details=exc.details())
             return self._status(code, message)
         if isinstance(exc, RequestValidationError):
-            return error_response(400, validation_message(exc))
+            return 400, validation_message(exc), None
         if isinstance(exc, StarletteHTTPException):
             status = 400 if exc.status_code == 422 else exc.status_code
             detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-            return error_response(status, detail, dict(exc.headers) if exc.headers else None)
+            return status, detail, dict(exc.headers) if exc.headers else None
         if isinstance(exc, (BodyTooLarge, BodyTooLargeAfterDecoding)):
-            return error_response(413, str(exc))
+            return 413, str(exc), None
         code, message = grpc_status_for(exc)  # infrastructure errors (etcd, object store) -> 503
         if code is grpc.StatusCode.INTERNAL:
-            self._log.error("request failed unexpectedly", path=request.url.path, exc_info=exc)
+            self._log.error("request failed unexpectedly", path=path, exc_info=exc)
         return self._status(code, message)
+
+    def __call__(self, request: Request, exc: Exception) -> Response:
+        return error_response(*self.error(exc, request.url.path))
 
 
 def install_error_handlers(app: FastAPI, mapper: ErrorMapper) -> None:
@@ -105,7 +112,7 @@ def build_http_app(
         redoc_url=None,
     )
     limits = settings.gateway.limits
-    oip_router, infer = build_oip_routes(
+    oip_router, handlers = build_oip_routes(
         dataplane, auth,
         max_body_bytes=limits.max_body_bytes,
         sticky_header=settings.gateway.sticky_header,
@@ -122,11 +129,13 @@ def build_http_app(
     # and the upstream metadata.
     exporting = telemetry is not None and telemetry.exporting
     app.edge = EdgeMiddleware(
-        InferFastPath(app.fastapi_call, infer=infer, on_error=mapper),
+        InferFastPath(app.fastapi_call, infer=handlers.asgi, on_error=mapper),
         authenticator=auth, limits=limits, logger=log.bind(kind="access"),
         tracer=telemetry.tracer("services.gateway.http") if exporting else None,
         unlimited_body=_is_model_upload if management_router is not None else None,
     )
+    if settings.gateway.rest_infer_lane:
+        app.lane = InferLane(app.edge, handlers, mapper.error, request_timeout_seconds=limits.request_timeout_seconds)
     return app
 
 
@@ -144,6 +153,7 @@ class GatewayHttpApp(FastAPI):
     (500s of FastAPI's error middleware included), and the inference fast path skips that stack."""
 
     edge: Any = None
+    lane: InferLane | None = None  # served by serve_http's protocol, in front of the app
 
     async def fastapi_call(self, scope: dict, receive: Any, send: Any) -> None:
         await super().__call__(scope, receive, send)
@@ -234,12 +244,114 @@ class _CoalescingTransport:
         self._transport.close()
 
 
-def _coalescing_protocol(base: type) -> type:
-    class CoalescingHttpProtocol(base):  # type: ignore[misc, valid-type]
+def _gateway_protocol(base: type, lane: InferLane | None) -> type:
+    class GatewayHttpProtocol(base):  # type: ignore[misc, valid-type]
+        """uvicorn's protocol, with small responses in one send (_CoalescingTransport) and simple
+        inference requests answered by the inference lane (services.gateway.rest.lane).
+
+        Responses leave in request order: the lane takes a request only while uvicorn has none
+        open (its parser between requests, its last response complete), and whatever arrives while
+        a lane request is open waits (reading paused) until that one is answered.
+        """
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(_CoalescingTransport(transport, self, self.loop))
+            self.in_message = False  # uvicorn's parser is inside a request
+            self.lane_open = False  # a lane request is being answered
+            self.held = b""  # what arrived behind it
+            self.close_after_lane = False
+            self.lane_timer: asyncio.TimerHandle | None = None
+            self.draining = False  # answers wait in the write buffer: read nothing more until they leave
 
-    return CoalescingHttpProtocol
+        def on_message_begin(self) -> None:
+            self.in_message = True
+            super().on_message_begin()
+
+        def on_message_complete(self) -> None:
+            self.in_message = False
+            super().on_message_complete()
+
+        def data_received(self, data: bytes) -> None:
+            if self.lane_open or self.draining:
+                self.held += data
+                self.flow.pause_reading()
+                return
+            # A loop, not recursion: a read may hold many pipelined requests answered at once.
+            while lane is not None and data and not self.in_message and (
+                    self.cycle is None or self.cycle.response_complete):
+                parsed = lane.parse(data)
+                if parsed is None:
+                    break
+                request, data = parsed
+                self._unset_keepalive_if_required()
+                self.lane_open = True
+                # Eagerly: the request reaches its node from this callback, with no loop trip.
+                answer = start_eagerly(lane.serve(request, self.lane_write, self.server_state.default_headers))
+                if not answer.done():
+                    self.held = data
+                    self.tasks.add(answer)  # uvicorn's graceful shutdown waits for it
+                    answer.add_done_callback(self.lane_done)
+                    self.lane_timer = self.loop.call_at(request.deadline, answer.cancel)
+                    return
+                if not self.lane_answered(answer):
+                    return
+                if self.draining:
+                    self.held = data
+                    return
+            if data:
+                super().data_received(data)
+
+        def lane_write(self, response: bytes) -> None:
+            if not self.transport.is_closing():
+                self.transport.write(response)
+
+        def lane_done(self, answer: asyncio.Future) -> None:
+            self.tasks.discard(answer)
+            if self.lane_timer is not None:
+                self.lane_timer.cancel()
+                self.lane_timer = None
+            if self.lane_answered(answer) and not self.draining:
+                self.replay_held()
+
+        def replay_held(self) -> None:
+            held, self.held = self.held, b""
+            if held:
+                self.data_received(held)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self.draining:
+                self.draining = False
+                self.flow.resume_reading()
+                self.replay_held()
+
+        def lane_answered(self, answer: asyncio.Future) -> bool:
+            """Bookkeeping after a lane request; whether the connection goes on."""
+            self.lane_open = False
+            if not answer.cancelled() and answer.exception() is not None:
+                self.logger.error("inference lane failed", exc_info=answer.exception())
+                self.transport.close()  # its answer may be missing: the connection cannot go on
+                return False
+            if self.transport.is_closing():
+                return False
+            if self.close_after_lane or answer.cancelled():
+                self.transport.close()
+                return False
+            self.on_response_complete()  # uvicorn's: counts it, resumes reading, arms the keep-alive timer
+            if self.flow.write_paused:
+                # The client does not read its answers: take no more requests from it until it does
+                # (uvicorn's own cycle waits the same way), so answers cannot pile up in memory.
+                self.draining = True
+                self.flow.pause_reading()
+            return True
+
+        def shutdown(self) -> None:
+            if self.lane_open:
+                self.close_after_lane = True
+            else:
+                super().shutdown()
+
+    return GatewayHttpProtocol
 
 
 class _Server(uvicorn.Server):
@@ -256,6 +368,7 @@ async def serve_http(
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
     graceful_seconds: int = 5,
+    keep_alive_seconds: float = 5.0,
 ) -> HttpServer:
     """Start serving `app` on host:port (0: a free port, see HttpServer.port) and return once listening."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -268,7 +381,7 @@ async def serve_http(
     if importlib.util.find_spec("httptools"):
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-        http = _coalescing_protocol(HttpToolsProtocol)
+        http = _gateway_protocol(HttpToolsProtocol, getattr(app, "lane", None))
     config = uvicorn.Config(
         app,
         loop="none",  # the caller's running loop (uvloop when the process runs on it)
@@ -280,6 +393,7 @@ async def serve_http(
         log_config=None,
         server_header=False,
         timeout_graceful_shutdown=graceful_seconds,
+        timeout_keep_alive=keep_alive_seconds,  # an idle keep-alive connection is closed after this long
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
         ssl_cert_reqs=ssl_module.CERT_NONE,

@@ -18,6 +18,7 @@ from aimaas.scheduler.v1 import scheduler_pb2_grpc
 from inference import grpc_predict_v2_pb2 as pb
 from inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.common import oip_stream
+from services.common.aio import poll_while_pending
 from services.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from services.common.h2grpc.client import H2GrpcConnection
 from services.gateway.routing import Route, RoutingWatcher
@@ -54,8 +55,12 @@ class NodeStream:
     """
 
     def __init__(self, address: str, *, max_message_bytes: int, connect_timeout: float = 5.0,
-                 keepalive_seconds: float = 10.0, keepalive_timeout_seconds: float = 5.0) -> None:
+                 keepalive_seconds: float = 10.0, keepalive_timeout_seconds: float = 5.0,
+                 poll_seconds: float = 0.0) -> None:
+        """`poll_seconds`: how long the loop polls instead of sleeping while a lone request waits for
+        its answer (services.common.aio.poll_while_pending; 0: never)."""
         self._address = address
+        self._poll_seconds = poll_seconds
         self._pending: dict[str, asyncio.Future[pb.ModelInferResponse]] = {}
         self._ids = itertools.count()
         self._closed = False
@@ -104,6 +109,10 @@ class NodeStream:
             del pending[key]
             raise rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
         timer = loop.call_later(timeout, self._expire, key)
+        if self._poll_seconds and len(pending) == 1:
+            # Alone on the stream: nothing else would wake the loop before this answer. With other
+            # requests in flight their answers keep it busy, and polling would only take CPU.
+            poll_while_pending(future, self._poll_seconds)
         try:
             response = await future
         finally:
@@ -202,8 +211,11 @@ class Upstream:
         max_message_bytes: int,
         interceptors: list | None = None,
         clock: Callable[[], float] = time.monotonic,
+        poll_seconds: float = 0.0,
     ) -> None:
+        """`poll_seconds`: see NodeStream."""
         self._eject_seconds = eject_seconds
+        self._poll_seconds = poll_seconds
         self._max_message_bytes = max_message_bytes
         self._interceptors = interceptors or []
         self._clock = clock
@@ -235,7 +247,8 @@ class Upstream:
         """The node's open multiplexed inference stream (a new one when the last one ended)."""
         node = self._node(address)
         if node.stream is None or node.stream.closed:
-            node.stream = NodeStream(address, max_message_bytes=self._max_message_bytes)
+            node.stream = NodeStream(address, max_message_bytes=self._max_message_bytes,
+                                     poll_seconds=self._poll_seconds)
         return node.stream
 
     def load(self, address: str) -> int:

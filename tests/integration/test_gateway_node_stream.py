@@ -413,3 +413,53 @@ async def test_a_node_leaving_the_routing_table_gets_its_idle_stream_closed(scri
     replacement = upstream.stream(address)  # routed again later: a fresh channel and stream
     assert replacement is not stream
     assert (await replacement.infer(pb.ModelInferRequest(model_name="echo", id="two"), 5.0)).id == "two"
+
+
+async def test_polling_for_a_lone_request_gives_the_same_answers_and_only_a_lone_request_polls(node, monkeypatch):
+    from services.common.aio import poll_while_pending
+    from services.gateway import upstream as upstream_module
+
+    polled: list[tuple[asyncio.Future, float, int]] = []  # (future, seconds, requests on the stream then)
+
+    def recording(future, seconds):
+        polled.append((future, seconds, stream.pending))
+        poll_while_pending(future, seconds)
+
+    monkeypatch.setattr(upstream_module, "poll_while_pending", recording)
+    reference = ort.InferenceSession(MLP.SerializeToString(), providers=["CPUExecutionProvider"])
+    polling = Upstream(eject_seconds=1.0, max_message_bytes=4 * 1024 * 1024, poll_seconds=0.01)
+    try:
+        stream = polling.stream(node)
+        # One at a time: every request is alone on the stream, so each one polls (for 10 ms).
+        for i in range(8):
+            x = np.random.default_rng(100 + i).standard_normal((1 + i % 4, 4)).astype(np.float32)
+            response = await stream.infer(_request(x, request_id=f"one-{i}"), 10.0)
+            np.testing.assert_allclose(_output(response), reference.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
+            assert response.id == f"one-{i}"
+            assert len(polled) == i + 1
+            future, seconds, pending = polled[-1]
+            assert seconds == 0.01 and pending == 1 and future.done()
+        # Sixteen at once: all start in the same loop iteration, before any answer can be read, so
+        # only the first is alone on the stream; the others find it busy and do not poll.
+        polled.clear()
+        xs = [np.random.default_rng(200 + i).standard_normal((1 + i % 5, 4)).astype(np.float32) for i in range(16)]
+        responses = await asyncio.gather(*(stream.infer(_request(x, request_id=f"many-{i}"), 10.0)
+                                           for i, x in enumerate(xs)))
+        for i, (x, response) in enumerate(zip(xs, responses, strict=True)):
+            np.testing.assert_allclose(_output(response), reference.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
+            assert response.id == f"many-{i}"
+        assert [(seconds, pending) for _, seconds, pending in polled] == [(0.01, 1)]
+        assert polling.stream(node) is stream and not stream.closed and stream.pending == 0
+    finally:
+        await polling.close()
+    # Without poll_seconds (the default) nothing polls.
+    polled.clear()
+    plain = Upstream(eject_seconds=1.0, max_message_bytes=4 * 1024 * 1024)
+    try:
+        stream = plain.stream(node)
+        x = np.ones((2, 4), np.float32)
+        response = await stream.infer(_request(x), 10.0)
+        np.testing.assert_allclose(_output(response), reference.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
+    finally:
+        await plain.close()
+    assert polled == []

@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common.h2grpc import H2GrpcServer
+from services.common.h2grpc.connection import MAX_CONTROL_ANSWERS_WHILE_PAUSED
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -818,7 +819,8 @@ async def test_control_frame_floods_end_the_connection(echo, frame):
 
 
 async def test_pings_while_our_answers_go_unread_end_the_connection(echo):
-    """A client that stops reading cannot make the server buffer PING answers without bound."""
+    """A client that stops reading cannot make the server buffer PING answers without bound; a few
+    PINGs from a slow reader are fine."""
     reader, writer = await asyncio.open_connection("127.0.0.1", echo.port)
     encoder = hpack.Encoder()
     try:
@@ -835,8 +837,16 @@ async def test_pings_while_our_answers_go_unread_end_the_connection(echo):
                 break
             await asyncio.sleep(0.01)
         assert connection is not None and connection.write_paused
-        writer.write(h2_frame(6, 0, 0, b"12345678"))
+        # A few PINGs are what a slow but honest reader sends (bandwidth probes): answered...
+        writer.write(h2_frame(6, 0, 0, b"12345678") * 10)
         await writer.drain()
+        await asyncio.sleep(0.2)
+        assert connection.write_paused and not connection._closed
+        # ...but past the bound, without ever reading, the connection ends (at a pace under the flood limit).
+        for _ in range(MAX_CONTROL_ANSWERS_WHILE_PAUSED // 250 + 1):
+            writer.write(h2_frame(6, 0, 0, b"12345678") * 250)
+            await writer.drain()
+            await asyncio.sleep(0.6)
         for _ in range(500):
             if connection._closed:
                 break

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import selectors
+import socket
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
-from services.common.aio import SerialWriter, answer_concurrently, prefetch, start_eagerly
+from services.common.aio import SerialWriter, answer_concurrently, poll_while_pending, prefetch, start_eagerly
 
 
 async def stream(items, gap: float = 0.0, fail_after: int | None = None) -> AsyncIterator:
@@ -255,3 +258,143 @@ async def test_a_request_that_needs_no_waiting_is_answered_before_the_next_is_re
     await answer_concurrently(requests(), handle, write)
     # With a task per request (or a queue to a writer), request 2 would be read before 1 was answered.
     assert events == ["read 1", "handled 1", "written 10", "read 2", "handled 2", "written 20"]
+
+
+# ------------------------------------------------------------------------------ poll_while_pending
+
+
+class RecordingSelector(selectors.DefaultSelector):
+    """The loop's selector, keeping the timeout of every select(): 0 is a poll, > 0 a sleep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float | None] = []
+
+    def select(self, timeout=None):
+        self.timeouts.append(timeout)
+        return super().select(timeout)
+
+
+def on_recording_loop(main):
+    """Run `main(loop, selector)` to completion on a fresh selector loop of its own."""
+    selector = RecordingSelector()
+    loop = asyncio.SelectorEventLoop(selector)
+    try:
+        return loop.run_until_complete(main(loop, selector))
+    finally:
+        loop.close()
+
+
+async def timeouts_during(selector: RecordingSelector, awaitable) -> list:
+    """The select() timeouts while `awaitable` runs."""
+    selector.timeouts.clear()
+    await awaitable
+    return list(selector.timeouts)
+
+
+def polls(timeouts: list) -> int:
+    return sum(1 for t in timeouts if t == 0)
+
+
+def sleeps(timeouts: list, at_least: float = 0.01) -> int:
+    return sum(1 for t in timeouts if t is None or t >= at_least)
+
+
+def test_the_loop_polls_while_the_future_is_pending_and_sleeps_again_once_it_is_done():
+    async def main(loop, selector):
+        # Without polling, a sleep is one blocking select() of about its length.
+        quiet = await timeouts_during(selector, asyncio.sleep(0.05))
+        assert sleeps(quiet, 0.02) >= 1 and polls(quiet) <= 2
+        future = loop.create_future()
+        poll_while_pending(future, 10.0)
+        polling = await timeouts_during(selector, asyncio.sleep(0.05))
+        assert len(polling) >= 20 and all(t == 0 for t in polling), sorted(set(polling))[-3:]
+        future.set_result(None)
+        await asyncio.sleep(0)  # the poll's callback sees the future done
+        await asyncio.sleep(0)
+        after = await timeouts_during(selector, asyncio.sleep(0.05))
+        assert sleeps(after, 0.02) >= 1 and polls(after) <= 2, after
+
+    on_recording_loop(main)
+
+
+def test_polling_stops_when_the_future_completes_meanwhile():
+    async def main(loop, selector):
+        future = loop.create_future()
+        loop.call_later(0.03, future.set_result, "done")
+        poll_while_pending(future, 10.0)
+        timeouts = await timeouts_during(selector, asyncio.sleep(0.15))
+        assert future.result() == "done"
+        assert polls(timeouts) >= 10  # polling up to ~30 ms...
+        assert sleeps(timeouts, 0.05) >= 1  # ...then sleeping for the rest (~120 ms)
+        assert timeouts[-1] != 0 or sleeps(timeouts[-5:], 0.05) >= 1
+
+    on_recording_loop(main)
+
+
+def test_polling_stops_by_itself_after_the_given_seconds():
+    async def main(loop, selector):
+        future = loop.create_future()  # never done
+        started = time.monotonic()
+        poll_while_pending(future, 0.02)
+        timeouts = await timeouts_during(selector, asyncio.sleep(0.15))
+        assert polls(timeouts) >= 5 and sleeps(timeouts, 0.05) >= 1
+        first_sleep = next(i for i, t in enumerate(timeouts) if t is None or t > 0)
+        assert polls(timeouts[first_sleep:]) <= 2  # no polling once it stopped
+        later = await timeouts_during(selector, asyncio.sleep(0.05))
+        assert sleeps(later, 0.02) >= 1 and polls(later) <= 2, later
+        assert not future.done() and time.monotonic() - started >= 0.2
+        future.cancel()
+
+    on_recording_loop(main)
+
+
+def test_a_future_already_done_is_not_polled_for():
+    async def main(loop, selector):
+        future = loop.create_future()
+        future.set_result(1)
+        poll_while_pending(future, 10.0)
+        timeouts = await timeouts_during(selector, asyncio.sleep(0.05))
+        assert sleeps(timeouts, 0.02) >= 1 and polls(timeouts) <= 2, timeouts
+
+    on_recording_loop(main)
+
+
+def test_other_callbacks_timers_and_sockets_go_on_while_polling():
+    async def main(loop, selector):
+        future = loop.create_future()
+        poll_while_pending(future, 10.0)
+        events: list[str] = []
+        loop.call_soon(events.append, "soon")
+        loop.call_later(0.01, events.append, "timer")
+        left, right = socket.socketpair()
+        left.setblocking(False)
+        right.setblocking(False)
+        try:
+            received = loop.create_future()
+            loop.add_reader(left, lambda: received.done() or received.set_result(left.recv(100)))
+            loop.call_later(0.005, right.send, b"ping")
+            selector.timeouts.clear()
+            assert await asyncio.wait_for(received, 2.0) == b"ping"  # the poll still reads sockets
+            loop.remove_reader(left)
+            await asyncio.sleep(0.02)
+            assert polls(selector.timeouts) >= 10 and sleeps(selector.timeouts) == 0  # polling all along
+            assert events == ["soon", "timer"]
+            ticks = 0
+
+            async def ticker() -> None:  # a task that yields at every step still gets its turns
+                nonlocal ticks
+                while not future.done():
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            task = loop.create_task(ticker())
+            await asyncio.sleep(0.01)
+            future.set_result(None)
+            await asyncio.wait_for(task, 1.0)
+            assert ticks >= 10
+        finally:
+            left.close()
+            right.close()
+
+    on_recording_loop(main)

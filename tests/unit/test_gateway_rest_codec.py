@@ -269,3 +269,239 @@ def test_deeply_nested_json_is_rejected_quickly():
     for body in (b"[" * 100_000, b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"):
         with pytest.raises(InvalidArgument):
             codec.decode_infer_request(body, None, model="m", version="")
+
+
+# ------------------------------------------------------------------------ remembered headers
+
+def binary_body(document, *arrays: np.ndarray) -> tuple[bytes, int]:
+    """A binary-extension body: the JSON header, then the arrays' bytes; and the header's length."""
+    header = json.dumps(document).encode()
+    return header + b"".join(a.tobytes() for a in arrays), len(header)
+
+
+BINARY_DOCUMENT = {
+    "parameters": {"binary_data_output": True, "timeout": 250_000, "priority": 3, "tag": "t"},
+    "inputs": [
+        {"name": "x", "shape": [2, 3], "datatype": "FP32", "parameters": {"binary_data_size": 24, "note": "a"}},
+        {"name": "y", "shape": [4], "datatype": "INT64", "parameters": {"binary_data_size": 32}},
+    ],
+    "outputs": [{"name": "out", "parameters": {"binary_data": False, "top": 2}}, {"name": "other"}],
+}
+
+
+def binary_arrays(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    return sample("FP32", (2, 3), seed), sample("INT64", (4,), seed)
+
+
+def assert_same_decoding(got: codec.DecodedRequest, expected: codec.DecodedRequest) -> None:
+    assert got.request == expected.request
+    assert got.request.SerializeToString(deterministic=True) == expected.request.SerializeToString(deterministic=True)
+    assert got.binary_all == expected.binary_all
+    assert got.binary_outputs == expected.binary_outputs
+    assert got.timeout_s == expected.timeout_s
+
+
+def counting_full_decodes(monkeypatch) -> list:
+    """Count calls of codec.decode_infer_request (what RequestDecoder falls back to)."""
+    calls = []
+    real = codec.decode_infer_request
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "decode_infer_request", counted)
+    return calls
+
+
+def test_a_remembered_header_decodes_new_tensor_bytes_model_and_version_like_a_full_decode(monkeypatch):
+    decoder = codec.RequestDecoder()
+    first_body, length = binary_body(BINARY_DOCUMENT, *binary_arrays(1))
+    second_body, second_length = binary_body(BINARY_DOCUMENT, *binary_arrays(2))
+    assert second_length == length and first_body[:length] == second_body[:length]
+    assert first_body[length:] != second_body[length:]
+    expected_first = codec.decode_infer_request(first_body, length, model="m", version="1")
+    expected_second = codec.decode_infer_request(second_body, length, model="other", version="7")
+
+    calls = counting_full_decodes(monkeypatch)
+    assert_same_decoding(decoder.decode(first_body, length, model="m", version="1"), expected_first)
+    assert len(calls) == 1 and len(decoder._templates) == 1
+    hit = decoder.decode(second_body, length, model="other", version="7")
+    assert len(calls) == 1  # from the template: no full decode
+    assert_same_decoding(hit, expected_second)
+    assert hit.request.model_name == "other" and hit.request.model_version == "7"
+    x, y = binary_arrays(2)
+    assert list(hit.request.raw_input_contents) == [x.tobytes(), y.tobytes()]
+    got = tensors.decode_inputs(hit.request)
+    np.testing.assert_array_equal(got["x"], x)
+    np.testing.assert_array_equal(got["y"], y)
+    # The same header again, with the first request's bytes and names: still the template, still exact.
+    assert_same_decoding(decoder.decode(first_body, length, model="m", version="1"), expected_first)
+    assert len(calls) == 1 and len(decoder._templates) == 1
+
+
+def test_a_hit_keeps_request_and_output_parameters_and_timeout(monkeypatch):
+    decoder = codec.RequestDecoder()
+    body, length = binary_body(BINARY_DOCUMENT, *binary_arrays(1))
+    decoder.decode(body, length, model="m", version="")
+    calls = counting_full_decodes(monkeypatch)
+    hit = decoder.decode(binary_body(BINARY_DOCUMENT, *binary_arrays(3))[0], length, model="m", version="")
+    assert calls == []
+    request = hit.request
+    assert codec.parameters_to_json(request.parameters) == {"timeout": 250_000, "priority": 3, "tag": "t"}
+    assert codec.parameters_to_json(request.inputs[0].parameters) == {"note": "a"}
+    assert codec.parameters_to_json(request.inputs[1].parameters) == {}
+    assert [(t.name, t.datatype, list(t.shape)) for t in request.inputs] == [("x", "FP32", [2, 3]), ("y", "INT64", [4])]
+    assert [o.name for o in request.outputs] == ["out", "other"]
+    assert codec.parameters_to_json(request.outputs[0].parameters) == {"top": 2}
+    assert hit.binary_all is True and hit.binary_outputs == {"out": False}
+    assert hit.timeout_s == pytest.approx(0.25)
+
+
+def test_a_hit_says_all_binary_like_the_full_decode():
+    decoder = codec.RequestDecoder()
+    body, length = binary_body(BINARY_DOCUMENT, *binary_arrays(1))
+    assert decoder.decode(body, length, model="m", version="").all_binary is True
+    assert len(decoder._templates) == 1
+    hit = decoder.decode(body, length, model="m", version="")
+    assert hit.all_binary == codec.decode_infer_request(body, length, model="m", version="").all_binary
+
+
+def test_changing_a_decoded_request_leaves_later_hits_alone():
+    decoder = codec.RequestDecoder()
+    body, length = binary_body(BINARY_DOCUMENT, *binary_arrays(1))
+    expected = codec.decode_infer_request(body, length, model="m", version="1")
+    for _ in range(2):  # the first decode (which makes the template) and a hit
+        decoded = decoder.decode(body, length, model="m", version="1")
+        assert_same_decoding(decoded, expected)
+        request = decoded.request
+        request.model_name = "changed"
+        request.id = "mine"
+        request.parameters["timeout"].int64_param = 1
+        request.parameters["added"].string_param = "x"
+        request.inputs[0].shape.append(9)
+        request.inputs.add(name="z", datatype="FP32", shape=[1])
+        request.raw_input_contents.append(b"\0" * 4)
+        request.outputs.add(name="more")
+        decoded.timeout_s = 99.0
+        decoded.binary_all = False
+    assert_same_decoding(decoder.decode(body, length, model="m", version="1"), expected)
+    assert len(decoder._templates) == 1
+
+
+def test_changing_the_binary_outputs_of_a_hit_leaves_later_hits_alone():
+    decoder = codec.RequestDecoder()
+    body, length = binary_body(BINARY_DOCUMENT, *binary_arrays(1))
+    decoder.decode(body, length, model="m", version="")
+    hit = decoder.decode(body, length, model="m", version="")
+    hit.binary_outputs["other"] = True  # each decode_infer_request gives a dict of its own
+    hit.binary_outputs["out"] = True
+    assert decoder.decode(body, length, model="m", version="").binary_outputs == {"out": False}
+
+
+def test_a_remembered_header_with_binary_data_of_the_wrong_length_fails_like_a_full_decode():
+    decoder = codec.RequestDecoder()
+    body, length = binary_body(BINARY_DOCUMENT, *binary_arrays(1))
+    decoder.decode(body, length, model="m", version="")
+    assert len(decoder._templates) == 1
+    for wrong in (body[:-1], body[:-8], body + b"\0", body + bytes(8), body[:length]):
+        with pytest.raises(InvalidArgument) as full:
+            codec.decode_infer_request(wrong, length, model="m", version="")
+        with pytest.raises(InvalidArgument) as remembered:
+            decoder.decode(wrong, length, model="m", version="")
+        assert remembered.value.message == full.value.message and str(remembered.value) == str(full.value)
+    # The template is still there and still right.
+    assert len(decoder._templates) == 1
+    other, _ = binary_body(BINARY_DOCUMENT, *binary_arrays(4))
+    assert_same_decoding(decoder.decode(other, length, model="m", version=""),
+                         codec.decode_infer_request(other, length, model="m", version=""))
+
+
+def test_a_header_that_fails_is_not_remembered():
+    decoder = codec.RequestDecoder()
+    body, length = binary_body(BINARY_DOCUMENT, *binary_arrays(1))
+    with pytest.raises(InvalidArgument):
+        decoder.decode(body[:-1], length, model="m", version="")
+    assert decoder._templates == {}
+    with pytest.raises(InvalidArgument, match="binary_data_size"):
+        decoder.decode(*binary_body({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32",
+                                                  "parameters": {"binary_data_size": 4}}]}, np.zeros(1, np.float32)),
+                       model="m", version="")
+    assert decoder._templates == {}
+
+
+@pytest.mark.parametrize(
+    ("document", "arrays"),
+    [
+        pytest.param({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.5, 2.5]}]}, (),
+                     id="json-data"),
+        pytest.param({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.5, 2.5]},
+                                 {"name": "y", "shape": [1], "datatype": "INT32", "parameters": {"binary_data_size": 4}}]},
+                     (np.array([7], np.int32),), id="json-data-and-binary"),
+        pytest.param({"id": "r-1", "inputs": [{"name": "x", "shape": [2], "datatype": "FP32",
+                                               "parameters": {"binary_data_size": 8}}]},
+                     (np.array([1, 2], np.float32),), id="id"),
+        pytest.param({"inputs": [{"name": "s", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": 11}}]},
+                     (np.frombuffer(struct.pack("<I", 3) + b"abc" + struct.pack("<I", 0), np.uint8),), id="bytes"),
+        pytest.param({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}},
+                                 {"name": "s", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}]},
+                     (np.array([1], np.float32), np.frombuffer(struct.pack("<I", 2) + b"hi", np.uint8)),
+                     id="bytes-among-others"),
+    ],
+)
+def test_headers_that_are_not_all_binary_fixed_size_and_anonymous_are_not_remembered(monkeypatch, document, arrays):
+    decoder = codec.RequestDecoder()
+    body, length = binary_body(document, *arrays)
+    expected = codec.decode_infer_request(body, length, model="m", version="2")
+    calls = counting_full_decodes(monkeypatch)
+    for attempt in range(1, 4):
+        assert_same_decoding(decoder.decode(body, length, model="m", version="2"), expected)
+        assert len(calls) == attempt  # decoded in full every time
+    assert decoder._templates == {}
+
+
+def test_a_body_without_a_header_length_is_not_remembered(monkeypatch):
+    decoder = codec.RequestDecoder()
+    body = json.dumps({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2]}]}).encode()
+    expected = codec.decode_infer_request(body, None, model="m", version="")
+    calls = counting_full_decodes(monkeypatch)
+    for attempt in range(1, 3):
+        assert_same_decoding(decoder.decode(body, None, model="m", version=""), expected)
+        assert len(calls) == attempt
+    assert decoder._templates == {}
+
+
+def test_a_header_over_the_size_limit_is_not_remembered(monkeypatch):
+    body, length = binary_body(BINARY_DOCUMENT, *binary_arrays(1))
+    expected = codec.decode_infer_request(body, length, model="m", version="")
+    calls = counting_full_decodes(monkeypatch)
+    small = codec.RequestDecoder(max_header_bytes=length - 1)
+    for attempt in range(1, 3):
+        assert_same_decoding(small.decode(body, length, model="m", version=""), expected)
+        assert len(calls) == attempt
+    assert small._templates == {}
+    exact = codec.RequestDecoder(max_header_bytes=length)  # a header of exactly the limit is remembered
+    exact.decode(body, length, model="m", version="")
+    assert len(exact._templates) == 1
+
+
+def test_at_most_max_entries_headers_are_remembered_the_oldest_going_first(monkeypatch):
+    decoder = codec.RequestDecoder(max_entries=2)
+    bodies = []
+    for n in (1, 2, 3):
+        document = {"inputs": [{"name": "x", "shape": [n], "datatype": "FP32", "parameters": {"binary_data_size": 4 * n}}]}
+        bodies.append(binary_body(document, np.arange(n, dtype=np.float32)))
+    headers = [body[:length] for body, length in bodies]
+    expected = [codec.decode_infer_request(body, length, model="m", version="") for body, length in bodies]
+    calls = counting_full_decodes(monkeypatch)
+    for body, length in bodies:
+        decoder.decode(body, length, model="m", version="")
+    assert len(calls) == 3
+    assert list(decoder._templates) == headers[1:]  # the first is gone
+    for (body, length), want in zip(bodies[1:], expected[1:]):  # the two newest are hits
+        assert_same_decoding(decoder.decode(body, length, model="m", version=""), want)
+    assert len(calls) == 3
+    body, length = bodies[0]  # the oldest is decoded in full again, and now evicts the second
+    assert_same_decoding(decoder.decode(body, length, model="m", version=""), expected[0])
+    assert len(calls) == 4
+    assert list(decoder._templates) == [headers[2], headers[0]]

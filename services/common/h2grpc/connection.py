@@ -24,6 +24,10 @@ MAX_HEADER_LIST_SIZE = 64 << 10
 # Control frames that make us answer (PING, SETTINGS): at most this many a second per connection,
 # bursts of twice that. Real peers send a few; a flood (CVE-2019-9512, -9515) ends the connection.
 CONTROL_FRAMES_PER_SECOND = 500
+# PING/SETTINGS answered while the write buffer is full and not draining (nghttp2 allows 1000
+# queued such answers too): real clients probe bandwidth with PINGs while they read a large
+# answer slowly; one that keeps sending them but never reads would grow our buffer without bound.
+MAX_CONTROL_ANSWERS_WHILE_PAUSED = 1000
 
 
 class FloodGuard:
@@ -113,6 +117,7 @@ class H2Connection(asyncio.Protocol):
         self._recv_uncredited = 0
         self._closed = False
         self.write_paused = False  # the transport's buffer is over its high-water mark
+        self._answers_while_paused = 0
         self._control_frames = FloodGuard(CONTROL_FRAMES_PER_SECOND, 2 * CONTROL_FRAMES_PER_SECOND)
 
     def pause_writing(self) -> None:
@@ -120,12 +125,16 @@ class H2Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self._answers_while_paused = 0
 
     def _answer_control_frame(self, what: str) -> None:
-        """Before answering a PING or SETTINGS: a peer that floods them, or (on a server) sends them
-        while it leaves our answers unread (our buffer would only grow), loses the connection."""
+        """Before answering a PING or SETTINGS: a peer that floods them, or (on a server) keeps
+        sending them while it leaves our answers unread (our buffer would only grow), loses the
+        connection."""
         if self.write_paused and self.refuse_control_frames_while_paused:
-            raise ConnectionError_(wire.ENHANCE_YOUR_CALM, f"{what} frames while our answers go unread")
+            self._answers_while_paused += 1
+            if self._answers_while_paused > MAX_CONTROL_ANSWERS_WHILE_PAUSED:
+                raise ConnectionError_(wire.ENHANCE_YOUR_CALM, f"{what} frames while our answers go unread")
         if not self._control_frames.allow():
             raise ConnectionError_(wire.ENHANCE_YOUR_CALM, f"too many {what} frames")
 

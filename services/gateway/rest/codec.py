@@ -57,6 +57,8 @@ class DecodedRequest:
     binary_outputs: dict[str, bool] = field(default_factory=dict)
     # The request's own timeout (parameter `timeout`, microseconds), in seconds.
     timeout_s: float | None = None
+    # Every input came as binary data (none as JSON `data`).
+    all_binary: bool = False
 
 
 @dataclass(slots=True)
@@ -164,6 +166,7 @@ def decode_infer_request(
             f"request body has {len(binary) - offset} bytes of binary data that no input claims "
             "(check the inputs' binary_data_size and Inference-Header-Content-Length)"
         )
+    decoded.all_binary = all("data" not in item for item in inputs)  # each input was checked to have one form
 
     outputs = document.get("outputs")
     if outputs is not None:
@@ -191,6 +194,72 @@ def decode_infer_request(
             tensor = request.outputs.add(name=name)
             _set_parameters(tensor.parameters, out_params, f"output '{name}'")
     return decoded
+
+
+@dataclass(slots=True)
+class _Template:
+    request: pb.ModelInferRequest  # without model, version and tensor data
+    binary_sizes: tuple[int, ...]  # per input, in order
+    binary_all: bool
+    binary_outputs: dict[str, bool]
+    timeout_s: float | None
+
+
+class RequestDecoder:
+    """decode_infer_request, remembering the decoded form of recent all-binary JSON headers.
+
+    A client sending the binary extension repeats the same JSON header for every request of one
+    shape (tritonclient does): names, datatypes, shapes and sizes, with the tensor bytes after it.
+    For such a header seen before, decoding is a copy of the remembered request plus the new bytes,
+    instead of a JSON parse and a check of every field. Only headers whose inputs are all binary
+    and fixed-size are remembered (JSON `data` makes every header new; BYTES elements need a check
+    of their length prefixes); any request that does not match its template exactly (its binary
+    part's length) is decoded in full, so errors read as they always do.
+    """
+
+    def __init__(self, max_entries: int = 256, max_header_bytes: int = 4096) -> None:
+        self._templates: dict[bytes, _Template] = {}
+        self._max_entries = max_entries
+        self._max_header_bytes = max_header_bytes
+
+    def decode(self, body: bytes, header_length: int | None, *, model: str, version: str) -> DecodedRequest:
+        if header_length is None or header_length > self._max_header_bytes:
+            return decode_infer_request(body, header_length, model=model, version=version)
+        header = body[:header_length]
+        template = self._templates.get(header)
+        if template is not None and sum(template.binary_sizes) == len(body) - header_length:
+            request = pb.ModelInferRequest()
+            request.CopyFrom(template.request)
+            request.model_name = model
+            request.model_version = version
+            offset = header_length
+            contents = []
+            for size in template.binary_sizes:
+                contents.append(body[offset:offset + size])
+                offset += size
+            request.raw_input_contents.extend(contents)
+            return DecodedRequest(request=request, binary_all=template.binary_all,
+                                  binary_outputs=dict(template.binary_outputs), timeout_s=template.timeout_s,
+                                  all_binary=True)
+        decoded = decode_infer_request(body, header_length, model=model, version=version)
+        if template is None:
+            self._remember(header, decoded)
+        return decoded
+
+    def _remember(self, header: bytes, decoded: DecodedRequest) -> None:
+        request = decoded.request
+        if not decoded.all_binary or request.id or any(tensor.datatype == "BYTES" for tensor in request.inputs):
+            return  # JSON data or an id make every header new; BYTES prefixes are checked per request
+        sizes = tuple(len(raw) for raw in request.raw_input_contents)
+        if len(self._templates) >= self._max_entries:
+            del self._templates[next(iter(self._templates))]  # the oldest
+        stripped = pb.ModelInferRequest()
+        stripped.CopyFrom(request)
+        stripped.ClearField("model_name")
+        stripped.ClearField("model_version")
+        stripped.ClearField("raw_input_contents")
+        self._templates[header] = _Template(stripped, sizes, decoded.binary_all, dict(decoded.binary_outputs),
+                                            decoded.timeout_s)
 
 
 def _load_json(data: bytes | memoryview) -> Any:

@@ -81,14 +81,15 @@ async def receive_body(receive: Any) -> bytes:
         message = await receive()
 
 
-def _error_body(message: str) -> bytes:
+def error_body(message: str) -> bytes:
+    """The body of every error response, `{"error": "..."}`."""
     # ASCII JSON: messages may echo client input, and lone surrogates stay encodable as escapes.
     return json.dumps({"error": message}).encode()
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     """The gateway's one error shape, `{"error": "..."}`, for every REST route."""
-    return Response(_error_body(message), status_code=status, media_type="application/json", headers=headers)
+    return Response(error_body(message), status_code=status, media_type="application/json", headers=headers)
 
 
 def validation_message(exc: Any) -> str:
@@ -101,7 +102,7 @@ def validation_message(exc: Any) -> str:
 
 
 async def send_error(send: Any, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    body = _error_body(message)
+    body = error_body(message)
     await send({
         "type": "http.response.start",
         "status": status,
@@ -162,39 +163,51 @@ class EdgeMiddleware:
                 authorization = value.decode("latin-1")
             elif key == b"content-length":
                 content_length = value
-        parent = _PROPAGATOR.extract(carrier) if carrier else None
         method = scope["method"]
         path = scope["path"]
-        span = self._server_span(method, path, parent)
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        span, token = self.open_span(method, path, carrier)
         state = scope.setdefault("state", {})
         outcome = {"status": None}
         key_id = None
         try:
             if authorization is not None:
-                principal = await self._authenticate(authorization)
+                principal = await self.authenticate(authorization)
                 if principal is not None:
                     state[PRINCIPAL_STATE] = principal
                     key_id = principal.key_id
             await self._limited(scope, receive, send, state, key_id, content_length, outcome)
         finally:
-            status = outcome["status"] or 500
-            span.set_attribute("http.status_code", status)
-            if status >= 500:
-                span.set_status(trace.Status(trace.StatusCode.ERROR))
-            context = span.get_span_context()
-            span.end()
-            otel_context.detach(token)
-            self._log.info(
-                "http request",
-                method=method,
-                path=path,
-                status=status,
-                duration_ms=round((time.perf_counter() - started) * 1e3, 3),
-                model=state.get(MODEL_STATE) or _path_model(scope),
-                key_id=key_id,
-                trace_id=format(context.trace_id, "032x") if context.is_valid else None,
-            )
+            self.finish(span, token, method=method, path=path, status=outcome["status"] or 500, started=started,
+                        model=state.get(MODEL_STATE) or _path_model(scope), key_id=key_id)
+
+    # -- the steps of a request, shared with the inference lane (services.gateway.rest.lane) --------------
+
+    def open_span(self, method: str, path: str, carrier: dict[str, str]) -> tuple[Span, object]:
+        """The request's server span, in the caller's trace (W3C headers in `carrier`), made current.
+        Returns it with the token that `finish` detaches."""
+        parent = _PROPAGATOR.extract(carrier) if carrier else None
+        span = self._server_span(method, path, parent)
+        return span, otel_context.attach(trace.set_span_in_context(span, parent))
+
+    def finish(self, span: Span, token: object, *, method: str, path: str, status: int, started: float,
+               model: str | None, key_id: str | None) -> None:
+        """End the request's span and write its access log line."""
+        span.set_attribute("http.status_code", status)
+        if status >= 500:
+            span.set_status(trace.Status(trace.StatusCode.ERROR))
+        context = span.get_span_context()
+        span.end()
+        otel_context.detach(token)
+        self._log.info(
+            "http request",
+            method=method,
+            path=path,
+            status=status,
+            duration_ms=round((time.perf_counter() - started) * 1e3, 3),
+            model=model,
+            key_id=key_id,
+            trace_id=format(context.trace_id, "032x") if context.is_valid else None,
+        )
 
     def _server_span(self, method: str, path: str, parent: otel_context.Context | None) -> Span:
         if self._tracer is not None:
@@ -210,7 +223,9 @@ class EdgeMiddleware:
         return NonRecordingSpan(SpanContext(trace_id, random.getrandbits(64) or 1, is_remote=False,
                                             trace_flags=_UNSAMPLED, trace_state=trace_state))
 
-    async def _authenticate(self, authorization: str) -> Principal | None:
+    async def authenticate(self, authorization: str) -> Principal | None:
+        """The key's principal, or None when it does not authenticate (the handler that needs a
+        principal authenticates again and reports the precise error)."""
         try:
             return await self._auth.authenticate(authorization)
         except asyncio.CancelledError:
@@ -218,50 +233,73 @@ class EdgeMiddleware:
         except Exception:  # noqa: BLE001 - the handler re-authenticates and reports the precise error
             return None
 
+    def body_limit(self, method: str, path: str) -> int | None:
+        return None if self._unlimited_body(method, path) else self._limits.max_body_bytes
+
+    @staticmethod
+    def content_length_refusal(content_length: bytes | str | None, max_body: int | None) -> tuple[int, str] | None:
+        """(status, message) when the Content-Length header alone rules the request out."""
+        if content_length is None:
+            return None
+        if not content_length.isdigit():
+            return 400, "Content-Length must be a non-negative integer"
+        if max_body is not None and int(content_length) > max_body:
+            return 413, f"request body of {int(content_length)} bytes exceeds the limit of {max_body} bytes"
+        return None
+
+    def admit(self, path: str, key_id: str | None) -> tuple[int, str, list] | None:
+        """Count a request in against the concurrency limits: None when admitted (`release` it once
+        answered), else the 429 (status, message, headers) to answer. Health probes are never limited."""
+        if path.startswith(_UNLIMITED_PREFIXES):
+            return None
+        limits = self._limits
+        if limits.max_concurrency and self._in_flight >= limits.max_concurrency:
+            return (429, f"too many concurrent requests (limit {limits.max_concurrency}); retry later",
+                    self._retry_after)
+        if key_id is not None and limits.max_concurrency_per_key and \
+                self._per_key.get(key_id, 0) >= limits.max_concurrency_per_key:
+            message = f"too many concurrent requests for this API key (limit {limits.max_concurrency_per_key}); retry later"
+            return 429, message, self._retry_after
+        self._in_flight += 1
+        if key_id is not None:
+            self._per_key[key_id] = self._per_key.get(key_id, 0) + 1
+        return None
+
+    def release(self, path: str, key_id: str | None) -> None:
+        """The admitted request is answered."""
+        if path.startswith(_UNLIMITED_PREFIXES):
+            return
+        self._in_flight -= 1
+        if key_id is not None:
+            left = self._per_key[key_id] - 1
+            if left:
+                self._per_key[key_id] = left
+            else:
+                del self._per_key[key_id]
+
     async def _limited(
         self, scope: dict, receive: Any, send: Any, state: dict, key_id: str | None,
         content_length: bytes | None, outcome: dict,
     ) -> None:
-        limits = self._limits
-        max_body = None if self._unlimited_body(scope["method"], scope["path"]) else limits.max_body_bytes
+        max_body = self.body_limit(scope["method"], scope["path"])
 
         async def respond(status: int, message: str, headers: list = ()) -> None:
             outcome["status"] = status
             await send_error(send, status, message, headers)
 
-        if content_length is not None:
-            if not content_length.isdigit():
-                await respond(400, "Content-Length must be a non-negative integer")
-                return
-            if max_body is not None and int(content_length) > max_body:
-                await respond(413, f"request body of {int(content_length)} bytes exceeds the limit of "
-                                   f"{max_body} bytes")
-                return
-        limited = not scope["path"].startswith(_UNLIMITED_PREFIXES)
-        if limited:
-            if limits.max_concurrency and self._in_flight >= limits.max_concurrency:
-                await respond(429, f"too many concurrent requests (limit {limits.max_concurrency}); retry later",
-                              self._retry_after)
-                return
-            if key_id is not None and limits.max_concurrency_per_key and \
-                    self._per_key.get(key_id, 0) >= limits.max_concurrency_per_key:
-                await respond(429, f"too many concurrent requests for this API key (limit "
-                                   f"{limits.max_concurrency_per_key}); retry later", self._retry_after)
-                return
-            self._in_flight += 1
-            if key_id is not None:
-                self._per_key[key_id] = self._per_key.get(key_id, 0) + 1
+        refusal = self.content_length_refusal(content_length, max_body)
+        if refusal is not None:
+            await respond(*refusal)
+            return
+        path = scope["path"]
+        refusal = self.admit(path, key_id)
+        if refusal is not None:
+            await respond(*refusal)
+            return
         try:
             await self._run(scope, receive, send, state, outcome, max_body)
         finally:
-            if limited:
-                self._in_flight -= 1
-                if key_id is not None:
-                    left = self._per_key[key_id] - 1
-                    if left:
-                        self._per_key[key_id] = left
-                    else:
-                        del self._per_key[key_id]
+            self.release(path, key_id)
 
     async def _run(self, scope: dict, receive: Any, send: Any, state: dict, outcome: dict, max_body: int | None) -> None:
         timeout = self._limits.request_timeout_seconds
@@ -271,7 +309,7 @@ class EdgeMiddleware:
         reschedule_slack = timeout / 100
         # asyncio.timeout can be moved: each body chunk pushes the deadline, the response start
         # removes it.
-        guard = asyncio.timeout(state[REQUEST_DEADLINE_STATE])
+        guard = asyncio.timeout_at(state[REQUEST_DEADLINE_STATE])
 
         async def limited_receive() -> dict:
             nonlocal received

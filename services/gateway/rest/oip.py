@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi import APIRouter, Request
@@ -118,6 +119,8 @@ def _version(version: str) -> str:
 
 InferHandler = Callable[[dict, Any, str, str], Awaitable[codec.EncodedResponse]]
 _HEADER_LENGTH_KEY = codec.HEADER_LENGTH.encode()
+_INFER_PREFIX = "/v2/models/"
+_INFER_SUFFIX = "/infer"
 
 
 def infer_response_headers(encoded: codec.EncodedResponse) -> list[tuple[str, str]]:
@@ -147,8 +150,8 @@ def build_oip_routes(
     max_body_bytes: int,
     sticky_header: str = "",
     server_version: str = "",
-) -> tuple[APIRouter, InferHandler]:
-    """The /v2 router, and its inference handler `(request, model, version or "")` for InferFastPath."""
+) -> tuple[APIRouter, InferHandlers]:
+    """The /v2 router, and its inference handler for InferFastPath and the inference lane."""
     router = APIRouter(prefix="/v2", tags=["inference (Open Inference Protocol)"], responses=_ERRORS)
 
     async def principal_for(request: Request, permission: Permission, model: str | None) -> Principal:
@@ -201,6 +204,7 @@ def build_oip_routes(
         return _json(document)
 
     sticky_key = sticky_header.lower().encode("latin-1") if sticky_header else None
+    decoder = codec.RequestDecoder()
 
     async def infer(scope: dict, receive: Any, model: str, version: str) -> codec.EncodedResponse:
         # Works on the ASGI scope, not a Starlette Request: this is the hot path (InferFastPath),
@@ -222,10 +226,18 @@ def build_oip_routes(
             principal = await auth.authenticate(authorization)
         auth.authorize(principal, Permission.INFER, model)
         body = await receive_body(receive)
+        return await infer_body(model, version, body, principal=principal, encoding=encoding,
+                                header_length=header_length, sticky=sticky,
+                                deadline=state.get(REQUEST_DEADLINE_STATE))
+
+    async def infer_body(
+        model: str, version: str, body: bytes, *, principal: Principal, encoding: str | None,
+        header_length: str | None, sticky: str | None, deadline: float | None,
+    ) -> codec.EncodedResponse:
+        """An authorized inference request's body through the data plane; its encoded response."""
         body = codec.decompress(body, encoding, max_body_bytes)
-        decoded = codec.decode_infer_request(body, codec.parse_header_length(header_length, len(body)),
-                                             model=model, version=version)
-        timeout = _remaining(state, decoded.timeout_s)
+        decoded = decoder.decode(body, codec.parse_header_length(header_length, len(body)), model=model, version=version)
+        timeout = _remaining(deadline, decoded.timeout_s)
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier)
         response = await dataplane.model_infer(
@@ -236,6 +248,16 @@ def build_oip_routes(
             metadata=tuple(carrier.items()),
         )
         return codec.encode_infer_response(response, decoded)
+
+    async def infer_lane(model: str, version: str, body: bytes, *, principal: Principal | None,
+                         authorization: str | None, encoding: str | None, header_length: str | None,
+                         sticky: str | None, deadline: float) -> codec.EncodedResponse:
+        version = _version(version) if version else ""
+        if principal is None:
+            principal = await auth.authenticate(authorization)
+        auth.authorize(principal, Permission.INFER, model)
+        return await infer_body(model, version, body, principal=principal, encoding=encoding,
+                                header_length=header_length, sticky=sticky, deadline=deadline)
 
     async def infer_route(request: Request, model: str, version: str) -> Response:
         encoded = await infer(request.scope, request.receive, model, version)
@@ -294,7 +316,30 @@ def build_oip_routes(
     async def infer_entry(scope: dict, receive: Any, model: str, version: str) -> codec.EncodedResponse:
         return await infer(scope, receive, model, _version(version) if version else "")
 
-    return router, infer_entry
+    return router, InferHandlers(asgi=infer_entry, lane=infer_lane, sticky_header=sticky_key)
+
+
+@dataclass(frozen=True, slots=True)
+class InferHandlers:
+    """The inference handler in its two entries: `asgi(scope, receive, model, version)` for
+    InferFastPath, and `lane(model, version, body, ...)` for the inference lane, whose request is
+    parsed already (services.gateway.rest.lane). `sticky_header`: the lowercase sticky routing header."""
+
+    asgi: InferHandler
+    lane: Callable[..., Awaitable[codec.EncodedResponse]]
+    sticky_header: bytes | None
+
+
+def infer_target(path: str) -> tuple[str, str] | None:
+    """(model, version or "") of an inference path `/v2/models/{m}[/versions/{v}]/infer`, else None."""
+    if not (path.startswith(_INFER_PREFIX) and path.endswith(_INFER_SUFFIX)):
+        return None
+    parts = path[len(_INFER_PREFIX):-len(_INFER_SUFFIX)].split("/")
+    if len(parts) == 1 and parts[0]:
+        return parts[0], ""
+    if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
+        return parts[0], parts[2]
+    return None
 
 
 class InferFastPath:
@@ -305,42 +350,31 @@ class InferFastPath:
     identical behaviour) and still serves anything this path does not recognise.
     """
 
-    _PREFIX = "/v2/models/"
-    _SUFFIX = "/infer"
-
     def __init__(self, app: Any, infer: InferHandler, on_error: Callable[[Request, Exception], Response]) -> None:
         self.app = app
         self._infer = infer
         self._on_error = on_error
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path: str = scope["path"]
-            if path.startswith(self._PREFIX) and path.endswith(self._SUFFIX) and not scope.get("root_path"):
-                parts = path[len(self._PREFIX):-len(self._SUFFIX)].split("/")
-                if len(parts) == 1 and parts[0]:
-                    model, version = parts[0], ""
-                elif len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
-                    model, version = parts[0], parts[2]
-                else:
-                    model = version = None
-                if model is not None:
-                    try:
-                        encoded = await self._infer(scope, receive, model, version)
-                    except Exception as exc:  # noqa: BLE001 - mapped exactly as the app's handlers do
-                        await self._on_error(Request(scope, receive), exc)(scope, receive, send)
-                        return
-                    headers = [(key.encode(), value.encode()) for key, value in infer_response_headers(encoded)]
-                    headers.append((b"content-length", str(len(encoded.body)).encode()))
-                    await send({"type": "http.response.start", "status": 200, "headers": headers})
-                    await send({"type": "http.response.body", "body": encoded.body})
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            target = infer_target(scope["path"])
+            if target is not None:
+                try:
+                    encoded = await self._infer(scope, receive, *target)
+                except Exception as exc:  # noqa: BLE001 - mapped exactly as the app's handlers do
+                    await self._on_error(Request(scope, receive), exc)(scope, receive, send)
                     return
+                headers = [(key.encode(), value.encode()) for key, value in infer_response_headers(encoded)]
+                headers.append((b"content-length", str(len(encoded.body)).encode()))
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": encoded.body})
+                return
         await self.app(scope, receive, send)
 
 
-def _remaining(state: dict, requested: float | None) -> float | None:
-    """Seconds left for the data plane call: the edge deadline, shortened by the request's own timeout."""
-    deadline = state.get(REQUEST_DEADLINE_STATE)
+def _remaining(deadline: float | None, requested: float | None) -> float | None:
+    """Seconds left for the data plane call: the edge deadline (loop time), shortened by the request's
+    own timeout."""
     loop_time = asyncio.get_running_loop().time()
     remaining = None if deadline is None else deadline - loop_time
     if requested is not None:
