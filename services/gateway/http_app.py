@@ -302,6 +302,11 @@ def _gateway_protocol(base: type, lane: InferLane | None) -> type:
                 super().data_received(data)
 
         def lane_write(self, response: bytes) -> None:
+            if self.close_after_lane:
+                # The server is stopping and closes the connection after this answer: say so, as
+                # uvicorn's own responses do, so that the client does not send the next request here.
+                line_end = response.index(b"\r\n") + 2
+                response = response[:line_end] + b"connection: close\r\n" + response[line_end:]
             if not self.transport.is_closing():
                 self.transport.write(response)
 

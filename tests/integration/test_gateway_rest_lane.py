@@ -669,6 +669,7 @@ async def test_graceful_stop_answers_the_open_lane_request_then_closes():
         gw.dataplane.release.set()
         response = await connection.response()
         assert response.echoed() == [1]
+        assert response.header("connection") == "close"  # the client learns not to send more here
         assert await connection.closed_by_server()
         await asyncio.wait_for(stopping, TIMEOUT)
         assert gw.served - before == 1
