@@ -69,8 +69,20 @@ def store_settings(request) -> ObjectStoreSettings:
     return request.getfixturevalue(f"{request.param}_store_settings" if request.param == "local" else "s3_settings")
 
 
+@pytest.fixture(scope="session")
+def task_models(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny Hugging Face models built from configs (and MiniLM's real weights), exported once."""
+    from tests.support.hf_models import TaskModels
+
+    return TaskModels(tmp_path_factory.mktemp("task-models"))
+
+
 def pytest_configure(config):
     # Tests must not pick up a developer's AIMAAS_* environment.
     for name in list(os.environ):
         if name.startswith("AIMAAS_"):
             del os.environ[name]
+    # No model hub is reachable here: every Hugging Face model is built or shipped locally.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

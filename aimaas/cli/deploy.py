@@ -16,7 +16,7 @@ from rich.markup import escape
 from aimaas.cli.connect import DEFAULT_STATE_DIR, Target, cli_errors, gateway_option, open_service, with_service
 from aimaas.cli.output import CliError, current
 from aimaas.sdk import ModelService, Traffic
-from aimaas.sdk.deployments import is_ready, progress_line, ready_addresses
+from aimaas.sdk.deployments import is_ready, progress_line, ready_addresses, status_reason, status_word
 from aimaas.sdk.tensors import NUMPY_DTYPES
 
 _POLL_S = 0.2
@@ -128,7 +128,8 @@ def deploy(
             document["docs_url"] = deployment.docs_url
         _print_json(document)
         return
-    out.print(f"deployment {deployment.name}: model {model} ({deployment.status})", markup=False)
+    word, reason = status_word(raw), status_reason(raw)
+    out.print(f"deployment {deployment.name}: model {model} ({word}{f': {reason}' if reason else ''})", markup=False)
     for status in raw.status.versions:
         out.print(
             f"  version {status.version} weight {status.weight}%: "
@@ -213,6 +214,9 @@ def _truncate(array: np.ndarray, limit: int = 16) -> str:
 @click.option("--deployment", help="Deployment to find a READY replica in, without a gateway [default: MODEL].")
 @click.option("--version", help="Model version to call [default: by the deployment's traffic split].")
 @click.option("--input", "-i", "inputs", multiple=True, metavar="NAME=JSON_ARRAY", help="Input values (repeatable).")
+@click.option("--text", "texts", multiple=True, help="A text for a text task model (repeatable: one batch).")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              help="An image file for an image task model (repeatable: one batch).")
 @click.option("--random", "use_random", is_flag=True, help="Fill every input not given with random data.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size with --random.")
 @click.option("--node", metavar="HOST:PORT", help="Call this inference node instead of the gateway or a replica.")
@@ -223,6 +227,8 @@ def predict(
     deployment: str | None,
     version: str | None,
     inputs: tuple[str, ...],
+    texts: tuple[str, ...],
+    images: tuple[pathlib.Path, ...],
     use_random: bool,
     batch: int,
     node: str | None,
@@ -234,6 +240,11 @@ def predict(
     """Send one inference request for MODEL (through the gateway when one runs)."""
     out = current().out
     given = _parse_inputs(inputs)
+    # Task models take BYTES `text` / `image` (aimaas.tasks).
+    if texts:
+        given["text"] = list(texts)
+    if images:
+        given["image"] = [path.read_bytes() for path in images]
     if node is None and target.gateway is None:
         found = client.get_deployment(deployment or model).raw
         wanted = int(version) if version and version.isdigit() else None

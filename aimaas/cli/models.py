@@ -1,4 +1,4 @@
-"""`aimaas models push | list | show`: the registry from the command line."""
+"""`aimaas models push | import hf | list | show`: the registry from the command line."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from aimaas.cli.output import current, human_bytes
 from aimaas.cli.state import service_address
 from aimaas.sdk import ModelService
 from aimaas.registry.v1 import registry_pb2 as pb
+from aimaas.tasks import TASKS
 from aimaas.types.v1 import types_pb2
 
 FORMATS = {"auto": None, "onnx": "onnx", "tensorrt-plan": "tensorrt-plan"}
@@ -131,6 +132,11 @@ def push(
             path, model, aliases=aliases, description=description, labels=parse_labels(labels),
             format=FORMATS[format_], progress=lambda sent, _total: progress.update(uploading, completed=sent),
         )  # fmt: skip
+    _show_pushed(pushed, aliases, as_json)
+
+
+def _show_pushed(pushed: Any, aliases: tuple[str, ...], as_json: bool, note: str = "") -> None:
+    out, _ = _consoles()
     if as_json:
         _print_json({"version": _to_dict(pushed.raw), "deduplicated": pushed.deduplicated})
         return
@@ -145,12 +151,87 @@ def push(
     table.add_row("format", format_name(version.format))
     if aliases:
         table.add_row("aliases", ", ".join(aliases))
+    if version.HasField("task"):
+        table.add_row("task", escape(task_summary(version.task)))
     table.add_row("inputs", escape(tensor_specs(version.signature.inputs)) or "-")
     table.add_row("outputs", escape(tensor_specs(version.signature.outputs)) or "-")
-    if pushed.deduplicated:
+    if note:
+        table.add_row("note", note)
+    elif pushed.deduplicated:
         table.add_row("note", "identical bytes were already stored; no new blob was written")
     out.print(f"pushed {version.model} version {version.version}")
     out.print(table)
+
+
+def task_summary(task: types_pb2.TaskSpec) -> str:
+    """`text-classification (2 labels: negative, positive; max 512 tokens)`."""
+    details = []
+    if task.labels:
+        shown = ", ".join(task.labels[:8]) + (", ..." if len(task.labels) > 8 else "")
+        details.append(f"{len(task.labels)} labels: {shown}")
+    if task.embedding_dimension:
+        details.append(f"{task.embedding_dimension} dimensions")
+    if task.max_length:
+        details.append(f"max {task.max_length} tokens")
+    if task.image_height:
+        details.append(f"{task.image_width}x{task.image_height} images")
+    if task.source:
+        details.append(f"from {task.source}")
+    return task.task + (f" ({'; '.join(details)})" if details else "")
+
+
+@models.group("import")
+def import_() -> None:
+    """Import a model from a model hub (exported to ONNX here)."""
+
+
+@import_.command("hf")
+@click.argument("source")
+@click.option("--name", "-n", "model", help="Model name [default: derived from SOURCE].")
+@click.option("--task", type=click.Choice(TASKS), help="Task to export for [default: told by the architecture].")
+@click.option("--revision", help="Hub revision (branch, tag or commit) of a hub id.")
+@click.option("--alias", "-a", "aliases", multiple=True, help="Point this alias at the version (repeatable).")
+@click.option("--description", default="", help="Description of the version.")
+@click.option("--label", "-l", "labels", multiple=True, metavar="KEY=VALUE", help="Label of the version (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the version as JSON.")
+@registry_options
+def import_hf(
+    source: str,
+    model: str | None,
+    task: str | None,
+    revision: str | None,
+    aliases: tuple[str, ...],
+    description: str,
+    labels: tuple[str, ...],
+    as_json: bool,
+    client: ModelService, target: Target,
+) -> None:
+    """Import the Hugging Face model SOURCE (a model directory, or a hub id through the local Hugging
+    Face cache, HF_HOME) as a task model: exported to ONNX with its task, labels and tokenizer, then
+    pushed as one version. Importing the same source again reuses the version it made."""
+    _, err = _consoles()
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        step = progress.add_task(f"import {source}", total=None)
+        uploading = None
+
+        def on_step(message: str) -> None:
+            progress.update(step, description=f"import: {message}")
+
+        def on_bytes(sent: int, total: int) -> None:
+            nonlocal uploading
+            if uploading is None:
+                progress.update(step, description="import: exported", total=1, completed=1)
+                uploading = progress.add_task("push", total=total)
+            progress.update(uploading, completed=sent)
+
+        pushed = client.import_huggingface(
+            source, model, task=task, revision=revision, aliases=aliases, description=description,
+            labels=parse_labels(labels), progress=on_bytes, steps=on_step,
+        )  # fmt: skip
+        progress.update(step, description="import: done", total=1, completed=1)
+    note = "this source was imported before: its version is reused, nothing was exported" if pushed.deduplicated else ""
+    _show_pushed(pushed, aliases, as_json, note)
 
 
 @models.command("list")
@@ -228,7 +309,7 @@ def show(name: str, as_json: bool, client: ModelService, target: Target) -> None
             str(version.version),
             ", ".join(aliases_of.get(version.version, [])),
             state_name(version.state),
-            format_name(version.format),
+            format_name(version.format) + (f"\n{version.task.task}" if version.HasField("task") else ""),
             human_bytes(version.size_bytes),
             version.sha256[:12],
             escape(tensor_specs(version.signature.inputs)),

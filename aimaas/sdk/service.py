@@ -101,9 +101,12 @@ class InferResult:
 class AsyncDeployment:
     """A deployment as last read from the scheduler, with the gateway URLs clients call."""
 
-    def __init__(self, service: AsyncModelService, deployment: spb.Deployment) -> None:
+    def __init__(self, service: AsyncModelService, deployment: spb.Deployment, task: str | None = None) -> None:
         self._service = service
         self.raw = deployment
+        # The task of the deployed version (text-classification, ...) when it is a task model and
+        # the SDK knows it (it deployed the version); None otherwise.
+        self.task = task
 
     @property
     def name(self) -> str:
@@ -115,9 +118,15 @@ class AsyncDeployment:
 
     @property
     def endpoint(self) -> str:
-        """REST inference URL on the gateway (POST {endpoint}/infer); gRPC clients use the gateway address
-        with this deployment's name as the model name."""
-        return f"{self._service.http_url}/v2/models/{self.name}"
+        """REST URL on the gateway: for a task model its predict endpoint (POST JSON such as
+        {"text": ...}), else the Open Inference Protocol base (POST {endpoint}/infer). gRPC clients use
+        the gateway address with this deployment's name as the model name."""
+        return self.predict_url if self.task else f"{self._service.http_url}/v2/models/{self.name}"
+
+    @property
+    def predict_url(self) -> str:
+        """Task endpoint (task models): POST {"text": ...}, {"inputs": [...]} or an image."""
+        return f"{self._service.http_url}/v1/models/{self.name}/predict"
 
     @property
     def grpc_endpoint(self) -> str:
@@ -125,7 +134,8 @@ class AsyncDeployment:
 
     @property
     def docs_url(self) -> str:
-        return f"{self._service.http_url}/docs"
+        """This deployment's API docs page (its operations, and a task model's schema with an example)."""
+        return f"{self._service.http_url}/docs/deployments/{self.name}"
 
     @property
     def status(self) -> str:
@@ -156,7 +166,11 @@ class AsyncDeployment:
             await self.refresh()
 
     def __repr__(self) -> str:
-        return f"Deployment(name={self.name!r}, model={self.model!r}, status={self.status!r}, endpoint={self.endpoint!r})"
+        task = f", task={self.task!r}" if self.task else ""
+        return (
+            f"Deployment(name={self.name!r}, model={self.model!r}{task}, status={self.status!r}, "
+            f"endpoint={self.endpoint!r})"
+        )
 
 
 class AsyncModelService:
@@ -257,8 +271,10 @@ class AsyncModelService:
     async def push(
         self,
         path: str | pathlib.Path,
-        name: str,
+        name: str | None = None,
         *,
+        provider: str | None = None,
+        task: str | None = None,
         aliases: Iterable[str] = (),
         description: str = "",
         labels: Mapping[str, str] | None = None,
@@ -271,7 +287,19 @@ class AsyncModelService:
 
         The sha256 and size are computed first and sent with the metadata, so the registry rejects
         bytes damaged on the way. `format` is "onnx", "tensorrt-plan" or None (detected from the bytes).
+        With `provider="huggingface"`, `path` is a Hugging Face model directory or hub id, imported as
+        a task model (`import_huggingface`; `name` defaults to one derived from it).
         """
+        if provider is not None:
+            _check_provider(provider)
+            return await self.import_huggingface(
+                str(path), name, task=task, aliases=aliases, description=description, labels=labels,
+                progress=progress, timeout=timeout,
+            )  # fmt: skip
+        if name is None:
+            raise invalid("push needs the model name")
+        if task is not None:
+            raise invalid("task applies to provider='huggingface' imports only")
         path = pathlib.Path(path)
         formats = {None: types_pb2.MODEL_FORMAT_UNSPECIFIED, "onnx": types_pb2.MODEL_FORMAT_ONNX,
                    "tensorrt-plan": types_pb2.MODEL_FORMAT_TENSORRT_PLAN}  # fmt: skip
@@ -306,6 +334,66 @@ class AsyncModelService:
         version = response.version
         return PushedVersion(version.model, version.version, version.sha256, version.size_bytes, response.deduplicated, version)
 
+    async def import_huggingface(
+        self,
+        source: str,
+        name: str | None = None,
+        *,
+        task: str | None = None,
+        revision: str | None = None,
+        aliases: Iterable[str] = (),
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        progress: PushProgress | None = None,
+        steps: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+    ) -> PushedVersion:
+        """Import a Hugging Face model directory or hub id (through the local cache) as a task model.
+
+        It is exported to ONNX here (aimaas.huggingface; needs the `hf` extra) with its task, labels
+        and tokenizer, then pushed as one version of `name` (default: derived from the source). The
+        same source (same files, task and exporter) imported again returns the version it made
+        before (`deduplicated=True`) without exporting. `steps` hears each export step, `progress`
+        the upload's bytes.
+        """
+        from aimaas import huggingface as hf
+
+        try:
+            resolved = await asyncio.to_thread(hf.resolve_source, source, revision=revision)
+            chosen = await asyncio.to_thread(hf.detect_task, resolved.directory, task)
+            digest = await asyncio.to_thread(hf.source_digest, resolved.directory, chosen)
+        except hf.ImportFailed as exc:
+            raise _import_error(exc) from None
+        name = name or hf.model_name_for(resolved.name)
+        existing = await self._version_with_label(name, hf.SOURCE_DIGEST_LABEL, digest)
+        if existing is not None:
+            for alias in aliases:
+                await self._call(self._registry().SetAlias, rpb.SetAliasRequest(
+                    model=name, alias=alias, version=existing.version, force=True))  # fmt: skip
+            return PushedVersion(existing.model, existing.version, existing.sha256, existing.size_bytes, True, existing)
+        try:
+            exported = await asyncio.to_thread(hf.export_model, resolved, task=chosen, progress=steps)
+        except hf.ImportFailed as exc:
+            raise _import_error(exc) from None
+        try:
+            return await self.push(
+                exported.path, name, aliases=aliases,
+                description=description or f"{chosen} model imported from {resolved.name}",
+                labels={**(labels or {}), hf.SOURCE_DIGEST_LABEL: digest}, format="onnx", progress=progress,
+                timeout=timeout,
+            )  # fmt: skip
+        finally:
+            exported.path.unlink(missing_ok=True)
+
+    async def _version_with_label(self, model: str, key: str, value: str) -> rpb.ModelVersion | None:
+        try:
+            versions = await self.list_versions(model, include_archived=False)
+        except AimaasError as exc:
+            if exc.code is grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return next((v for v in reversed(versions) if v.labels.get(key) == value), None)
+
     async def list_models(self) -> list[rpb.Model]:
         found: list[rpb.Model] = []
         token = ""
@@ -335,8 +423,11 @@ class AsyncModelService:
 
     async def resolve_version(self, model: str, reference: str = "latest") -> int:
         """Version number of a reference: a number, an alias, or "latest"."""
+        return (await self._resolve(model, reference)).version
+
+    async def _resolve(self, model: str, reference: str) -> rpb.ModelVersion:
         request = rpb.ResolveVersionRequest(model=model, reference=reference)
-        return (await self._call(self._registry().ResolveVersion, request)).version.version
+        return (await self._call(self._registry().ResolveVersion, request)).version
 
     # --- deployments ------------------------------------------------------------------------
 
@@ -350,17 +441,36 @@ class AsyncModelService:
         min_instances: int = 1,
         max_instances: int | None = None,
         accelerator: str | None = None,
+        instance_type: str | None = None,
         traffic: Sequence[Traffic | Mapping[str, Any]] | None = None,
         labels: Mapping[str, str] | None = None,
+        provider: str | None = None,
+        task: str | None = None,
     ) -> AsyncDeployment:
         """Create or update deployment `name` (default: the model name) of `model_id`.
 
         Serve `version`, or the version `alias` points at (followed when the alias moves), or a
         `traffic` split such as [{"version": 1, "weight": 90}, {"alias": "canary", "weight": 10}];
         with none of them, the latest version. Returns at once; `wait_ready()` waits for replicas.
+
+        With `provider="huggingface"`, `model_id` is a Hugging Face model id or directory: it is
+        imported first (`import_huggingface`, optionally as `task`) and its version deployed.
+        `instance_type` ("cpu.small", "gpu.medium", ...; the scheduler lists them) sets the
+        accelerator and the memory each replica reserves.
         """
+        task_of_version: str | None = None
+        if provider is not None:
+            _check_provider(provider)
+            if version is not None or alias is not None or traffic is not None:
+                raise invalid("a Hugging Face deploy imports and serves the new version: no version, alias or traffic")
+            pushed = await self.import_huggingface(model_id, task=task)
+            model_id, version, task_of_version = pushed.model, pushed.version, pushed.raw.task.task or None
+        elif task is not None:
+            raise invalid("task applies to provider='huggingface' deploys only")
         if sum(x is not None for x in (version, alias, traffic)) > 1:
             raise invalid("give at most one of version, alias and traffic")
+        if instance_type is not None and accelerator is not None:
+            raise invalid("give accelerator or instance_type (which sets the accelerator), not both")
         if max_instances is None:
             max_instances = max(min_instances, 1)
         if min_instances < 0 or max_instances < min_instances:
@@ -374,14 +484,17 @@ class AsyncModelService:
         elif alias is not None:
             targets = [spb.TrafficTarget(weight=100, alias=alias)]
         else:
-            number = version if version is not None else await self.resolve_version(model_id, "latest")
-            targets = [spb.TrafficTarget(weight=100, version=number)]
+            if version is None or task_of_version is None:
+                record = await self._resolve(model_id, str(version) if version is not None else "latest")
+                version, task_of_version = record.version, record.task.task or None
+            targets = [spb.TrafficTarget(weight=100, version=version)]
         spec = spb.DeploymentSpec(
             name=name or model_id, model=model_id, traffic=targets, min_replicas=min_instances,
             max_replicas=max_instances, accelerator=_ACCELERATORS[accelerator], labels=dict(labels or {}),
+            instance_type=instance_type or "",
         )  # fmt: skip
         response = await self._call(self._scheduler().ApplyDeployment, spb.ApplyDeploymentRequest(spec=spec))
-        return AsyncDeployment(self, response.deployment)
+        return AsyncDeployment(self, response.deployment, task=task_of_version)
 
     async def get_deployment(self, name: str) -> AsyncDeployment:
         response = await self._call(self._scheduler().GetDeployment, spb.GetDeploymentRequest(name=name))
@@ -515,6 +628,24 @@ class AsyncModelService:
             # One exception type for callers, not a group: the first failure.
             raise failed.exceptions[0] from None
         return results  # type: ignore[return-value]
+
+
+PROVIDERS = ("huggingface",)
+_IMPORT_CODES = {
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "missing_dependency": grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def _check_provider(provider: str) -> None:
+    if provider not in PROVIDERS:
+        raise invalid(f"provider {provider!r} is not one of {', '.join(PROVIDERS)} (or None for a model file)")
+
+
+def _import_error(exc: Any) -> AimaasError:
+    return AimaasError(_IMPORT_CODES.get(exc.kind, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
 
 
 def _file_digest(path: pathlib.Path) -> tuple[str, int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -63,6 +63,8 @@ class Deployment:
     endpoint = property(lambda self: self._inner.endpoint)
     grpc_endpoint = property(lambda self: self._inner.grpc_endpoint)
     docs_url = property(lambda self: self._inner.docs_url)
+    predict_url = property(lambda self: self._inner.predict_url)
+    task = property(lambda self: self._inner.task)
     status = property(lambda self: self._inner.status)
     progress = property(lambda self: self._inner.progress)
     raw = property(lambda self: self._inner.raw)
@@ -121,13 +123,25 @@ class ModelService:
 
     # models
     def push(
-        self, path: Any, name: str, *, aliases: Iterable[str] = (), description: str = "",
-        labels: Mapping[str, str] | None = None, format: str | None = None, create_model: bool = True,
-        progress: PushProgress | None = None, timeout: float | None = None,
+        self, path: Any, name: str | None = None, *, provider: str | None = None, task: str | None = None,
+        aliases: Iterable[str] = (), description: str = "", labels: Mapping[str, str] | None = None,
+        format: str | None = None, create_model: bool = True, progress: PushProgress | None = None,
+        timeout: float | None = None,
     ) -> PushedVersion:  # fmt: skip
         return self._runner.run(self._core.push(
-            path, name, aliases=aliases, description=description, labels=labels, format=format,
-            create_model=create_model, progress=progress, timeout=timeout,
+            path, name, provider=provider, task=task, aliases=aliases, description=description, labels=labels,
+            format=format, create_model=create_model, progress=progress, timeout=timeout,
+        ))  # fmt: skip
+
+    def import_huggingface(
+        self, source: str, name: str | None = None, *, task: str | None = None, revision: str | None = None,
+        aliases: Iterable[str] = (), description: str = "", labels: Mapping[str, str] | None = None,
+        progress: PushProgress | None = None, steps: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+    ) -> PushedVersion:  # fmt: skip
+        return self._runner.run(self._core.import_huggingface(
+            source, name, task=task, revision=revision, aliases=aliases, description=description, labels=labels,
+            progress=progress, steps=steps, timeout=timeout,
         ))  # fmt: skip
 
     def list_models(self) -> list[rpb.Model]:
@@ -146,11 +160,13 @@ class ModelService:
     def deploy(
         self, model_id: str, version: int | None = None, *, alias: str | None = None, name: str | None = None,
         min_instances: int = 1, max_instances: int | None = None, accelerator: str | None = None,
-        traffic: Sequence[Traffic | Mapping[str, Any]] | None = None, labels: Mapping[str, str] | None = None,
+        instance_type: str | None = None, traffic: Sequence[Traffic | Mapping[str, Any]] | None = None,
+        labels: Mapping[str, str] | None = None, provider: str | None = None, task: str | None = None,
     ) -> Deployment:  # fmt: skip
         return self._deployment(self._runner.run(self._core.deploy(
             model_id, version, alias=alias, name=name, min_instances=min_instances, max_instances=max_instances,
-            accelerator=accelerator, traffic=traffic, labels=labels,
+            accelerator=accelerator, instance_type=instance_type, traffic=traffic, labels=labels,
+            provider=provider, task=task,
         )))  # fmt: skip
 
     def get_deployment(self, name: str) -> Deployment:

@@ -34,6 +34,7 @@ from services.gateway.rest.codec import BodyTooLargeAfterDecoding
 from services.gateway.rest.edge import BodyTooLarge, EdgeMiddleware, error_response, validation_message
 from services.gateway.rest.lane import InferLane
 from services.gateway.rest.oip import InferFastPath, build_oip_routes
+from services.gateway.rest.tasks import TaskCatalog, build_task_router
 from services.gateway.settings import GatewaySettings
 
 
@@ -97,11 +98,13 @@ def build_http_app(
     telemetry: Telemetry | None = None,
     logger: structlog.stdlib.BoundLogger | None = None,
     version: str = "",
+    catalog: TaskCatalog | None = None,
 ) -> FastAPI:
     """The FastAPI app of the gateway's REST port.
 
     `docs` mounts the interactive docs (services.gateway.rest.docs.mount_docs); without it the app
-    serves no docs pages, only /openapi.json.
+    serves no docs pages, only /openapi.json. `catalog`: the task cards shared with the management
+    router and the docs (default: a catalog of its own).
     """
     log = logger or structlog.get_logger(service="gateway")
     app = GatewayHttpApp(
@@ -119,6 +122,9 @@ def build_http_app(
         server_version=version,
     )
     app.include_router(oip_router)
+    app.include_router(build_task_router(
+        dataplane, auth, catalog or TaskCatalog(dataplane), sticky_header=settings.gateway.sticky_header
+    ))
     if management_router is not None:
         app.include_router(management_router)
     if docs is not None:

@@ -44,7 +44,9 @@ from inference import grpc_predict_v2_pb2 as pb
 from services.common.errors import AimaasError, InvalidArgument, NotFound, Unavailable
 from services.common.tracing import Telemetry
 from services.inference.backends import probe_backends
+from aimaas.tasks import InvalidTaskManifest, TaskManifest, public_json
 from services.inference.backends.base import Backend, LoadOptions, TensorInfo
+from services.inference.backends.task import TaskBackend, read_task
 from services.inference.batcher import Batcher, BatchPolicy, ExecutionFailed
 from services.inference.settings import BatchingDefaults, InferenceServerSettings
 from services.inference.stats import ClosedWindow, InferenceCollector, ModelStats
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
     from services.common.objectstore import ObjectStore
 
 FORMATS = ("onnx", "tensorrt_plan")
+# Model config parameter holding a task model's public manifest (JSON).
+TASK_PARAMETER = "aimaas.task"
 # Statistics of retired instances kept until the stats reporter takes their last window.
 _RETIRED_STATS = 4096
 
@@ -303,6 +307,10 @@ class _Instance:
         self.output_metadata = [
             pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in backend.outputs
         ]
+        # Task models: the per-request step before batching (aimaas.tasks; None for tensor models).
+        self.prepare = backend.prepare_request
+        self.prepare_off_loop = backend.prepare_off_loop
+        self.task: TaskManifest | None = getattr(backend, "manifest", None)
         self.config = self._config(gpu)
         # How a shared built form was obtained ("cache" | "built"), "" when loaded with load().
         self.shared = ""
@@ -328,6 +336,9 @@ class _Instance:
             ],
             parameters={key: pb.ModelParameter(string_value=value) for key, value in self.spec.labels.items()},
         )
+        if self.task is not None:
+            # What the gateway shapes task answers with (labels, limits): aimaas.tasks' public fields.
+            config.parameters[TASK_PARAMETER].string_value = public_json(self.task)
         if merge:
             config.dynamic_batching.max_queue_delay_microseconds = round(self.policy.max_queue_delay_s * 1e6)
         return config
@@ -389,6 +400,15 @@ class DataPlane:
         # One backend load at a time: memory is measured as the process's growth during a load.
         self._load_gate = asyncio.Lock()
         self._closing = False
+        # Per-request preprocessing of task models (image decoding), created on first use.
+        self._preprocess_pool: ThreadPoolExecutor | None = None
+
+    def _preprocessing(self) -> ThreadPoolExecutor:
+        if self._preprocess_pool is None:
+            self._preprocess_pool = ThreadPoolExecutor(
+                max_workers=self._settings.preprocess_threads or None, thread_name_prefix="preprocess"
+            )
+        return self._preprocess_pool
 
     # ---------------------------------------------------------------------------- introspection
 
@@ -560,6 +580,13 @@ class DataPlane:
         instance.inflight += 1
         try:
             inputs, rows, key, outputs = instance.signature.prepare(request)
+            if instance.prepare is not None:
+                if instance.prepare_off_loop:
+                    inputs = await asyncio.get_running_loop().run_in_executor(
+                        self._preprocessing(), instance.prepare, inputs, request.parameters
+                    )
+                else:
+                    inputs = instance.prepare(inputs, request.parameters)
             response = await instance.batcher.submit(
                 inputs, rows, key, outputs, instance.finisher(request.id), deadline=deadline, parent=parent
             )
@@ -719,12 +746,16 @@ class DataPlane:
         backend_class = self._choose_backend(spec)
         batching = spec.batching or self._settings.batching
         options = self._options(spec, batching)
-        backend = backend_class()
+        backend: Backend = backend_class()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{spec.name}-{spec.version}")
         loop = asyncio.get_running_loop()
         shared: str | None = None
         async with self._load_gate:
             try:
+                if spec.format == "onnx":
+                    task = await loop.run_in_executor(executor, _read_task, spec.artifact)
+                    if task is not None:
+                        backend = TaskBackend(backend, *task)
                 if self._engine_store is not None and spec.sha256:
                     shared = await self._load_shared(backend, spec, options, executor)
                 if shared is None:
@@ -816,6 +847,8 @@ class DataPlane:
         for (name, version), result in zip(targets, results):
             if isinstance(result, BaseException):
                 self._log.error("unload at close failed", model=name, version=version, error=repr(result))
+        if self._preprocess_pool is not None:
+            self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------ model thread
@@ -829,6 +862,16 @@ def _fingerprint(artifact: pathlib.Path) -> tuple[str, int, int]:
     except OSError as exc:
         raise ModelLoadFailed(f"artifact {artifact} cannot be read: {exc.strerror}") from None
     return str(artifact.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _read_task(artifact: pathlib.Path) -> tuple[TaskManifest, str | None] | None:
+    """Runs on the model's thread: the task manifest (and tokenizer) of a task model, if it is one."""
+    try:
+        return read_task(artifact)
+    except InvalidTaskManifest as exc:
+        raise ModelLoadFailed(str(exc)) from None
+    except OSError as exc:
+        raise ModelLoadFailed(f"artifact {artifact} cannot be read: {exc.strerror or exc}") from None
 
 
 def _load_and_warm_up(backend: Backend, artifact: pathlib.Path, options: LoadOptions) -> None:
@@ -848,15 +891,8 @@ def _check_and_warm_up(backend: Backend) -> None:
     names = [t.name for t in backend.inputs]
     if len(set(names)) != len(names):
         raise ModelLoadFailed("the model has two inputs with the same name")
-    feeds = {}
-    for tensor in backend.inputs:
-        shape = tuple(1 if dim < 0 else dim for dim in tensor.shape)
-        if tensor.datatype == "BYTES":
-            feeds[tensor.name] = np.full(shape, "" if backend.bytes_as_text else b"", dtype=object)
-        else:
-            feeds[tensor.name] = np.zeros(shape, dtype=DATATYPES[tensor.datatype].dtype)
     try:
-        backend.infer(feeds, [t.name for t in backend.outputs])
+        backend.infer(backend.sample_inputs(), [t.name for t in backend.outputs])
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadFailed(
             f"warm-up inference (zeros, dynamic dimensions 1) failed: {exc}"

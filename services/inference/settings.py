@@ -53,6 +53,8 @@ class InferenceServerSettings(ServerSettings):
     # Batches measured to execute faster than this run on the event loop instead of the model's thread
     # (the two thread hand-offs cost ~0.1 ms on a busy host, more than a small model computes); 0: never.
     inline_execution_below_us: Annotated[int, Field(ge=0, le=10_000)] = 100
+    # Threads decoding the images of task-model requests before batching (0: one per core).
+    preprocess_threads: Annotated[int, Field(ge=0, le=256)] = 0
     # Backends to try, in order of preference, when the artifact allows several.
     backends: list[str] = ["tensorrt", "onnxruntime"]
     batching: BatchingDefaults = BatchingDefaults()

@@ -239,7 +239,7 @@ class ModelRegistry:
                     f"truncated or oversized upload: expected {metadata.expected_size_bytes} bytes, received {stored.size}"
                 )
             try:
-                model_format, signature, details = inspector.finish()
+                inspection = inspector.finish()
             except InvalidArtifact as exc:
                 raise InvalidArgument(str(exc)) from exc
             moved = await self._store.promote(staging, blob_key(stored.sha256))
@@ -251,12 +251,13 @@ class ModelRegistry:
             model=metadata.model,
             sha256=stored.sha256,
             size_bytes=stored.size,
-            format=model_format,
-            signature=signature,
+            format=inspection.format,
+            signature=inspection.signature,
             state=pb.VERSION_STATE_ACTIVE,
             description=metadata.description,
             labels=dict(metadata.labels),
-            format_details=details,
+            format_details=inspection.details,
+            task=inspection.task,
         )
         version = await self._record_version(version, list(metadata.aliases))
         self._log.info(

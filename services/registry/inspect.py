@@ -1,4 +1,5 @@
-"""Artifact inspection while the bytes stream past: format detection and the ONNX signature.
+"""Artifact inspection while the bytes stream past: format detection, the ONNX signature, and the
+task of a task model (its manifest in the ONNX metadata, see aimaas.tasks), checked against the graph.
 
 An ONNX model is a protobuf `ModelProto`. Its weights (graph initializers) can be gigabytes, so the
 inspector walks the protobuf wire format incrementally, keeps only the small messages it needs
@@ -9,11 +10,17 @@ because the message structure does not close exactly at the end of the bytes.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
+from google.protobuf import json_format
 from onnx import OperatorSetIdProto, TensorProto, ValueInfoProto
 
+from aimaas.tasks import (
+    FEATURE_EXTRACTION, IMAGE_GRAPH_INPUT, MANIFEST_KEY, TOKEN_CLASSIFICATION, TOKENIZER_KEY, InvalidTaskManifest,
+    TaskManifest,
+)
 from aimaas.types.v1 import types_pb2
 
 # TensorRT engines start with a 4-byte magic tag; seen values across TensorRT versions.
@@ -37,12 +44,15 @@ ONNX_TO_PROTOCOL_DATATYPE = {
     TensorProto.STRING: "BYTES",
 }
 
-# Field numbers from onnx.proto (ModelProto, GraphProto, TensorProto).
+# Field numbers from onnx.proto (ModelProto, GraphProto, TensorProto, StringStringEntryProto).
 _MODEL_IR_VERSION, _MODEL_PRODUCER_NAME, _MODEL_PRODUCER_VERSION, _MODEL_GRAPH, _MODEL_OPSET = 1, 2, 3, 7, 8
+_MODEL_METADATA_PROPS = 14
 _GRAPH_INITIALIZER, _GRAPH_INPUT, _GRAPH_OUTPUT = 5, 11, 12
 _TENSOR_NAME = 8
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2
 
-# Largest message kept whole (a graph input/output description, an opset entry, a name).
+# Largest message kept whole (a graph input/output description, an opset entry, a name, a metadata
+# value). Larger metadata values (a big tokenizer) are skipped; only their size is kept.
 _MAX_CAPTURE_BYTES = 1 << 20
 
 
@@ -54,6 +64,7 @@ class _Frame(Enum):
     MODEL = auto()
     GRAPH = auto()
     INITIALIZER = auto()
+    METADATA_ENTRY = auto()
 
 
 @dataclass
@@ -65,6 +76,9 @@ class OnnxSummary:
     outputs: list[ValueInfoProto] = field(default_factory=list)
     initializer_names: set[str] = field(default_factory=set)
     has_graph: bool = False
+    # metadata_props: key -> value, or -> None when the value was too large to keep.
+    metadata: dict[str, str | None] = field(default_factory=dict)
+    metadata_sizes: dict[str, int] = field(default_factory=dict)
 
 
 class OnnxStreamInspector:
@@ -78,6 +92,8 @@ class OnnxStreamInspector:
         self._stack: list[tuple[_Frame, int | None]] = [(_Frame.MODEL, None)]
         self._skip = 0
         self._capture: tuple[_Frame, int, int] | None = None  # (frame, field, length)
+        # The metadata entry being read: [key, value, value size].
+        self._entry: list = [None, None, 0]
         self.error: str | None = None
 
     def feed(self, chunk: bytes) -> None:
@@ -181,7 +197,12 @@ class OnnxStreamInspector:
 
     def _pop_finished_frames(self) -> None:
         while len(self._stack) > 1 and self._stack[-1][1] == self._offset and not self._skip and self._capture is None:
-            self._stack.pop()
+            frame, _ = self._stack.pop()
+            if frame is _Frame.METADATA_ENTRY:
+                key, value, size = self._entry
+                if key is not None:
+                    self.summary.metadata[key] = value
+                    self.summary.metadata_sizes[key] = size
 
     def _start_field(self, frame: _Frame, number: int, length: int) -> None:
         end = self._offset + length
@@ -192,6 +213,12 @@ class OnnxStreamInspector:
             self._stack.append((_Frame.GRAPH, end))
         elif frame is _Frame.GRAPH and number == _GRAPH_INITIALIZER:
             self._stack.append((_Frame.INITIALIZER, end))
+        elif frame is _Frame.MODEL and number == _MODEL_METADATA_PROPS:
+            self._entry = [None, None, 0]
+            self._stack.append((_Frame.METADATA_ENTRY, end))
+        elif frame is _Frame.METADATA_ENTRY and number == _ENTRY_VALUE and length > _MAX_CAPTURE_BYTES:
+            self._entry[2] = length
+            self._skip = length
         elif (frame, number) in _CAPTURED_FIELDS:
             if length > _MAX_CAPTURE_BYTES:
                 raise InvalidArtifact("an ONNX graph input/output description is implausibly large")
@@ -213,6 +240,10 @@ class OnnxStreamInspector:
                 self.summary.outputs.append(ValueInfoProto.FromString(data))
             elif frame is _Frame.INITIALIZER and number == _TENSOR_NAME:
                 self.summary.initializer_names.add(data.decode("utf-8"))
+            elif frame is _Frame.METADATA_ENTRY and number == _ENTRY_KEY:
+                self._entry[0] = data.decode("utf-8")
+            elif frame is _Frame.METADATA_ENTRY and number == _ENTRY_VALUE:
+                self._entry[1], self._entry[2] = data.decode("utf-8"), len(data)
         except (ValueError, UnicodeDecodeError) as exc:  # DecodeError is a ValueError subclass
             raise InvalidArtifact(f"malformed ONNX field: {exc}") from exc
 
@@ -224,6 +255,8 @@ _CAPTURED_FIELDS = {
     (_Frame.GRAPH, _GRAPH_INPUT),
     (_Frame.GRAPH, _GRAPH_OUTPUT),
     (_Frame.INITIALIZER, _TENSOR_NAME),
+    (_Frame.METADATA_ENTRY, _ENTRY_KEY),
+    (_Frame.METADATA_ENTRY, _ENTRY_VALUE),
 }
 
 
@@ -249,6 +282,77 @@ def onnx_signature(summary: OnnxSummary) -> types_pb2.Signature:
     )
 
 
+def task_signature(summary: OnnxSummary) -> tuple[types_pb2.TaskSpec, types_pb2.Signature] | None:
+    """The task and the served signature of a task model (its manifest in `aimaas.task`), checked
+    against the graph; None for a plain tensor model. Raises InvalidArtifact with the reason."""
+    raw = summary.metadata.get(MANIFEST_KEY)
+    if MANIFEST_KEY not in summary.metadata:
+        return None
+    if raw is None:
+        raise InvalidArtifact(f"the task manifest ({MANIFEST_KEY}) is implausibly large")
+    try:
+        manifest = TaskManifest.parse(raw)
+    except InvalidTaskManifest as exc:
+        raise InvalidArtifact(str(exc)) from None
+    graph = onnx_signature(summary)
+    inputs = {t.name: t for t in graph.inputs}
+    outputs = {t.name: t for t in graph.outputs}
+    label = f"the {manifest.task} graph"
+    if manifest.is_text:
+        if TOKENIZER_KEY not in summary.metadata:
+            raise InvalidArtifact(f"the {manifest.task} model carries no tokenizer ({TOKENIZER_KEY}); re-import it with its tokenizer files")
+        tokenizer = summary.metadata[TOKENIZER_KEY]
+        if tokenizer is not None and not _looks_like_tokenizer(tokenizer):
+            raise InvalidArtifact(f"the tokenizer ({TOKENIZER_KEY}) is not a Hugging Face tokenizer.json")
+        if "input_ids" not in inputs:
+            raise InvalidArtifact(f"{label} has no 'input_ids' input (its inputs: {', '.join(inputs) or 'none'})")
+        expected_rank = {"input_ids": 2}
+    else:
+        if IMAGE_GRAPH_INPUT not in inputs:
+            raise InvalidArtifact(f"{label} has no '{IMAGE_GRAPH_INPUT}' input (its inputs: {', '.join(inputs) or 'none'})")
+        expected_rank = {IMAGE_GRAPH_INPUT: 4}
+    unknown = set(inputs) - set(manifest.graph_inputs())
+    if unknown:
+        raise InvalidArtifact(f"{label} has inputs the node cannot feed: {', '.join(sorted(unknown))}")
+    for name, rank in expected_rank.items():
+        if len(inputs[name].shape) != rank:
+            raise InvalidArtifact(f"{label}'s input '{name}' has rank {len(inputs[name].shape)}, not {rank}")
+    output = outputs.get(manifest.graph_output())
+    if output is None:
+        raise InvalidArtifact(
+            f"{label} has no '{manifest.graph_output()}' output (its outputs: {', '.join(outputs) or 'none'})"
+        )
+    rank = 3 if manifest.task == TOKEN_CLASSIFICATION else 2
+    width = manifest.embedding_dimension if manifest.task == FEATURE_EXTRACTION else len(manifest.labels)
+    if len(output.shape) != rank or output.shape[-1] not in (-1, width):
+        raise InvalidArtifact(
+            f"{label}'s output '{output.name}' has shape {list(output.shape)}, which does not fit "
+            f"{width} {'dimensions' if manifest.task == FEATURE_EXTRACTION else 'labels'}"
+        )
+    served_inputs, served_outputs = manifest.served()
+    signature = types_pb2.Signature(
+        inputs=[types_pb2.TensorSpec(name=n, datatype=d, shape=s) for n, d, s in served_inputs],
+        outputs=[types_pb2.TensorSpec(name=n, datatype=d, shape=s) for n, d, s in served_outputs],
+    )
+    return json_format.ParseDict(manifest.public(), types_pb2.TaskSpec()), signature
+
+
+def _looks_like_tokenizer(text: str) -> bool:
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(document, dict) and isinstance(document.get("model"), dict)
+
+
+@dataclass
+class Inspection:
+    format: int
+    signature: types_pb2.Signature
+    details: dict[str, str]
+    task: types_pb2.TaskSpec | None = None
+
+
 class ArtifactInspector:
     """Sees every chunk of an upload once; at the end tells the format, signature and details."""
 
@@ -265,20 +369,20 @@ class ArtifactInspector:
         if self._onnx is not None:
             self._onnx.feed(chunk)
 
-    def finish(self) -> tuple[int, types_pb2.Signature, dict[str, str]]:
-        """(format, signature, details); raises InvalidArtifact with the reason."""
+    def finish(self) -> Inspection:
+        """What the artifact is; raises InvalidArtifact with the reason."""
         if self.size == 0:
             raise InvalidArtifact("the artifact is empty")
         looks_like_plan = bytes(self._head[:4]) in TENSORRT_MAGIC_TAGS
         if self._declared == types_pb2.MODEL_FORMAT_TENSORRT_PLAN:
             # A plan can only be fully checked by the TensorRT runtime of a matching GPU node.
-            return types_pb2.MODEL_FORMAT_TENSORRT_PLAN, types_pb2.Signature(), {}
+            return Inspection(types_pb2.MODEL_FORMAT_TENSORRT_PLAN, types_pb2.Signature(), {})
         assert self._onnx is not None
         try:
             summary = self._onnx.finish()
         except InvalidArtifact as exc:
             if self._declared == types_pb2.MODEL_FORMAT_UNSPECIFIED and looks_like_plan:
-                return types_pb2.MODEL_FORMAT_TENSORRT_PLAN, types_pb2.Signature(), {}
+                return Inspection(types_pb2.MODEL_FORMAT_TENSORRT_PLAN, types_pb2.Signature(), {})
             if self._declared == types_pb2.MODEL_FORMAT_ONNX:
                 raise InvalidArtifact(f"not a valid ONNX model: {exc}") from exc
             raise InvalidArtifact(f"not a valid ONNX model or TensorRT plan: {exc}") from exc
@@ -286,4 +390,10 @@ class ArtifactInspector:
         details.update({f"opset.{domain}": str(version) for domain, version in summary.opsets.items()})
         if summary.producer:
             details["producer"] = summary.producer
-        return types_pb2.MODEL_FORMAT_ONNX, onnx_signature(summary), details
+        task = task_signature(summary)
+        if task is None:
+            return Inspection(types_pb2.MODEL_FORMAT_ONNX, onnx_signature(summary), details)
+        details["task"] = task[0].task
+        if TOKENIZER_KEY in summary.metadata_sizes:
+            details["tokenizer_bytes"] = str(summary.metadata_sizes[TOKENIZER_KEY])
+        return Inspection(types_pb2.MODEL_FORMAT_ONNX, task[1], details, task[0])

@@ -369,6 +369,6 @@ def test_onnx_signature_matches_the_full_parse():
     data = model.SerializeToString()
     for start in range(0, len(data), 3):
         inspector.feed(data[start : start + 3])
-    _, signature, _ = inspector.finish()
+    signature = inspector.finish().signature
     assert [i.name for i in signature.inputs] == [i.name for i in model.graph.input]
     assert [o.name for o in signature.outputs] == [o.name for o in model.graph.output]

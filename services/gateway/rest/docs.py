@@ -14,10 +14,15 @@ import importlib.resources
 import re
 from typing import Any
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+
+from aimaas.tasks import FEATURE_EXTRACTION
+from services.gateway.rest.tasks import TaskCard, predict_schemas
 
 DOCS_PATH = "/docs"
 ASSETS_PATH = "/docs/assets"
@@ -26,6 +31,9 @@ OAUTH2_REDIRECT_PATH = "/docs/oauth2-redirect"
 # Paths whose first parameter is the deployment (== model) name.
 _DEPLOYMENT_PREFIXES = ("/v2/models/{", "/v1/deployments/{")
 _NAME_RE = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+PREDICT_PATH = "/v1/models/{name}/predict"
+EMBEDDINGS_PATH = "/v1/embeddings"
+CardLookup = Callable[[str], Awaitable[tuple[str, TaskCard | None]]]
 
 
 def deployment_docs_path(name: str) -> str:
@@ -37,12 +45,30 @@ def assets_directory() -> str:
     return str(importlib.resources.files("fastapi_offline") / "static")
 
 
-def deployment_openapi(spec: dict[str, Any], name: str) -> dict[str, Any]:
+def deployment_openapi(spec: dict[str, Any], name: str, card: TaskCard | None = None) -> dict[str, Any]:
     """The operations of one deployment: paths that start with a deployment/model parameter, with
-    that parameter replaced by `name` (so "Try it out" needs no typing)."""
+    that parameter replaced by `name` (so "Try it out" needs no typing). For a task model (`card`)
+    also its predict operation with the task's schema and a working example (and /v1/embeddings
+    for a feature-extraction model); without one, predict is left out."""
     paths: dict[str, Any] = {}
     for path, item in spec.get("paths", {}).items():
-        prefix = next((p for p in _DEPLOYMENT_PREFIXES if path.startswith(p)), None)
+        if path == PREDICT_PATH:
+            if card is None:
+                continue
+            item = copy.deepcopy(item)
+            item["post"].update(predict_schemas(card))
+            prefix = "/v1/models/{"
+        elif path == EMBEDDINGS_PATH:
+            if card is None or card.task != FEATURE_EXTRACTION:
+                continue
+            item = copy.deepcopy(item)
+            item["post"]["requestBody"]["content"]["application/json"]["example"] = {
+                "model": name, "input": ["first text", "second text"],
+            }
+            paths[path] = item
+            continue
+        else:
+            prefix = next((p for p in _DEPLOYMENT_PREFIXES if path.startswith(p)), None)
         if prefix is None:
             continue
         param = path[len(prefix) :].split("}", 1)[0]
@@ -57,18 +83,20 @@ def deployment_openapi(spec: dict[str, Any], name: str) -> dict[str, Any]:
         paths[path.replace("{" + param + "}", name, 1)] = item
     result = {key: value for key, value in spec.items() if key != "paths"}
     result["paths"] = paths
+    task = f" It serves a **{card.task}** model: call `POST /v1/models/{name}/predict`." if card else ""
     result["info"] = {
         **spec.get("info", {}),
         "title": f"{name} — {spec.get('info', {}).get('title', 'API')}",
-        "description": f"Inference and management operations of deployment `{name}`. "
+        "description": f"Inference and management operations of deployment `{name}`.{task} "
         f"The whole API is documented at {DOCS_PATH}.",
     }
     return result
 
 
-def mount_docs(app: FastAPI) -> None:
+def mount_docs(app: FastAPI, task_card: CardLookup | None = None) -> None:
     """Serve /docs (Swagger UI), /redoc and per-deployment pages with local assets. Replaces FastAPI's
-    CDN-based pages if the app was created with them."""
+    CDN-based pages if the app was created with them. `task_card(name)` -> (version, card) gives a
+    deployment page its task schema (services.gateway.rest.tasks.TaskCatalog.card)."""
     replaced = {DOCS_PATH, REDOC_PATH, OAUTH2_REDIRECT_PATH, app.docs_url, app.redoc_url}
     replaced |= {app.swagger_ui_oauth2_redirect_url}
     replaced.discard(None)
@@ -122,4 +150,10 @@ def mount_docs(app: FastAPI) -> None:
     async def deployment_spec(name: str) -> JSONResponse:
         if not _NAME_RE.match(name):
             return JSONResponse({"error": f"{name!r} is not a deployment name"}, status_code=404)
-        return JSONResponse(deployment_openapi(app.openapi(), name))
+        card = None
+        if task_card is not None:
+            try:
+                _, card = await task_card(name)
+            except Exception:  # noqa: BLE001 - unknown or not serving yet: the generic page
+                card = None
+        return JSONResponse(deployment_openapi(app.openapi(), name, card))

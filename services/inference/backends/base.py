@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import pathlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -112,7 +112,28 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def infer(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
-        """Run one batch. Inputs are validated and of the declared dtypes; returns the named outputs."""
+        """Run one batch. Inputs are validated and of the declared dtypes (after `prepare_request`,
+        if the backend has one); returns the named outputs."""
+
+    # Optional per-request step before batching (task models: check texts, decode images):
+    # `prepare_request(inputs in signature order, request parameters) -> inputs for infer()`, raising
+    # InvalidArgument for that request alone. None: requests go to the batcher as decoded.
+    prepare_request: Callable[[list[np.ndarray], Mapping[str, Any]], list[np.ndarray]] | None = None
+    # True: prepare_request is heavy (image decoding) and runs on the data plane's preprocessing
+    # threads instead of the event loop.
+    prepare_off_loop: bool = False
+
+    def sample_inputs(self) -> dict[str, np.ndarray]:
+        """What the warm-up inference after a load runs (in infer()'s form): zeros, empty texts,
+        every dynamic dimension 1."""
+        feeds = {}
+        for tensor in self.inputs:
+            shape = tuple(1 if dim < 0 else dim for dim in tensor.shape)
+            if tensor.datatype == "BYTES":
+                feeds[tensor.name] = np.full(shape, "" if self.bytes_as_text else b"", dtype=object)
+            else:
+                feeds[tensor.name] = np.zeros(shape, dtype=_numpy_dtype(tensor.datatype))
+        return feeds
 
     @abc.abstractmethod
     def unload(self) -> None:
@@ -121,3 +142,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def memory_bytes(self) -> int:
         """Host (and device, for GPU backends) memory this model holds, measured after load."""
+
+
+def _numpy_dtype(datatype: str) -> np.dtype:
+    from services.inference.tensors import DATATYPES
+
+    return DATATYPES[datatype].dtype

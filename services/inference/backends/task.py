@@ -1,0 +1,339 @@
+"""Task models (aimaas.tasks): text or images in, labels, entities or embeddings out.
+
+`TaskBackend` wraps the backend that runs the graph (ONNX Runtime, or TensorRT on a GPU node) and
+adds the model's pre- and post-processing next to it, so both are batched with the model:
+
+- Text: each request is checked on the event loop (`prepare_request`: no empty text, and with
+  `truncation: false` no text over max_length); the merged batch is tokenized at once on the
+  model's thread (the `tokenizers` library, its Rust core) and padded to the longest text *of the
+  batch*, not of each request. A text over max_length is truncated and says so (`truncated`).
+- Images: each request's images are decoded, resized and normalised per request off the event loop
+  (Pillow, on the data plane's preprocessing threads), so a bad image fails only its own request
+  and decoding runs in parallel with the model; the batch merges fixed-size `pixel_values`.
+- Post-processing turns logits into scores (softmax or sigmoid as the model's config says), the top
+  label, entities grouped as Hugging Face's "simple" aggregation does, or returns the embedding the
+  graph pooled.
+
+The served signature is the manifest's (aimaas.tasks); the graph's own tensors stay internal.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from aimaas.tasks import (
+    FEATURE_EXTRACTION,
+    IMAGE_CLASSIFICATION,
+    IMAGE_INPUT,
+    MANIFEST_KEY,
+    TEXT_INPUT,
+    TOKEN_CLASSIFICATION,
+    TOKENIZER_KEY,
+    InvalidTaskManifest,
+    TaskManifest,
+    read_onnx_metadata,
+)
+from services.common.errors import InvalidArgument
+from services.inference.backends.base import Backend, BackendLoadError, LoadOptions, Runner, TensorInfo
+
+if TYPE_CHECKING:
+    from services.common.objectstore.base import ObjectStore
+
+# Formats Pillow may decode for an image request (no PDF, EPS or other formats that run code paths
+# nobody asked for).
+_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Larger images are refused before decoding (Pillow's decompression-bomb guard, made an error).
+_MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+
+
+def read_task(artifact: pathlib.Path) -> tuple[TaskManifest, str | None] | None:
+    """(manifest, tokenizer JSON) of a task model's ONNX file; None for a plain tensor model."""
+    metadata = read_onnx_metadata(artifact, frozenset({MANIFEST_KEY, TOKENIZER_KEY}))
+    raw = metadata.get(MANIFEST_KEY)
+    if raw is None:
+        return None
+    manifest = TaskManifest.parse(raw)
+    tokenizer = metadata.get(TOKENIZER_KEY)
+    if manifest.is_text and not tokenizer:
+        raise InvalidTaskManifest(f"the {manifest.task} model carries no tokenizer ({TOKENIZER_KEY})")
+    return manifest, tokenizer
+
+
+class TaskBackend(Backend):
+    """See the module docstring. `inner` runs the graph; this class owns everything around it."""
+
+    name: ClassVar[str] = "task"
+    platform: ClassVar[str] = "aimaas_task"
+
+    def __init__(self, inner: Backend, manifest: TaskManifest, tokenizer_json: str | None) -> None:
+        self.inner = inner
+        self.manifest = manifest
+        # Reported as the graph's backend: placement, statistics and model config name what runs it.
+        self.name = inner.name  # type: ignore[misc]
+        self.platform = inner.platform  # type: ignore[misc]
+        self.bytes_as_text = manifest.is_text  # type: ignore[misc]
+        # Images are decoded per request on the preprocessing threads; text checks are cheap.
+        self.prepare_off_loop = not manifest.is_text
+        inputs, outputs = manifest.served()
+        self.inputs = [TensorInfo(n, d, s) for n, d, s in inputs]
+        self.outputs = [TensorInfo(n, d, s) for n, d, s in outputs]
+        self._tokenizer_json = tokenizer_json
+        self._tokenizer: Any = None
+        self._untruncated: Any = None
+        self._feeds: tuple[str, ...] = ()
+        self._labels = np.array(manifest.labels, dtype=object)
+
+    @property
+    def providers(self) -> list[str]:
+        return list(getattr(self.inner, "providers", ()))
+
+    @classmethod
+    def probe(cls) -> str | None:
+        return None
+
+    # ------------------------------------------------------------------------------ loading
+
+    def load(self, artifact: pathlib.Path, options: LoadOptions) -> None:
+        self.inner.load(artifact, options)
+        self._setup()
+
+    async def load_shared(
+        self, artifact: pathlib.Path, options: LoadOptions, *, store: ObjectStore, sha256: str, run: Runner
+    ) -> str | None:
+        shared = await self.inner.load_shared(artifact, options, store=store, sha256=sha256, run=run)
+        if shared is not None:
+            await run(self._setup)
+        return shared
+
+    def _setup(self) -> None:
+        manifest = self.manifest
+        graph_inputs = {t.name: t for t in self.inner.inputs}
+        unknown = set(graph_inputs) - set(manifest.graph_inputs())
+        if unknown:
+            raise BackendLoadError(f"the {manifest.task} graph has inputs the node cannot feed: {', '.join(sorted(unknown))}")
+        if manifest.graph_output() not in {t.name for t in self.inner.outputs}:
+            raise BackendLoadError(f"the {manifest.task} graph has no '{manifest.graph_output()}' output")
+        self._feeds = tuple(name for name in manifest.graph_inputs() if name in graph_inputs)
+        if manifest.is_text:
+            if "input_ids" not in graph_inputs:
+                raise BackendLoadError(f"the {manifest.task} graph has no 'input_ids' input")
+            self._tokenizer = self._build_tokenizer(truncate=True)
+            self._untruncated = self._build_tokenizer(truncate=False)
+
+    def _build_tokenizer(self, *, truncate: bool) -> Any:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as exc:
+            raise BackendLoadError(f"the tokenizers library is not installed ({exc})") from exc
+        assert self._tokenizer_json is not None and self.manifest.text is not None
+        try:
+            tokenizer = Tokenizer.from_str(self._tokenizer_json)
+        except Exception as exc:  # noqa: BLE001 - the library raises plain Exceptions
+            raise BackendLoadError(f"the model's tokenizer cannot be loaded: {exc}") from exc
+        if truncate:
+            tokenizer.enable_truncation(self.manifest.max_length)
+        else:
+            tokenizer.no_truncation()
+        text = self.manifest.text
+        tokenizer.enable_padding(pad_id=text.pad_token_id, pad_token=text.pad_token)
+        return tokenizer
+
+    def max_rows(self) -> int | None:
+        return self.inner.max_rows()
+
+    def sample_inputs(self) -> dict[str, np.ndarray]:
+        if self.manifest.is_text:
+            return {TEXT_INPUT: np.array(["warm up"], dtype=object)}
+        image = self.manifest.image
+        assert image is not None
+        return {IMAGE_INPUT: np.zeros((1, 3, image.height, image.width), dtype=np.float32)}
+
+    def unload(self) -> None:
+        self.inner.unload()
+        self._tokenizer = self._untruncated = None
+
+    def memory_bytes(self) -> int:
+        return self.inner.memory_bytes()
+
+    # ------------------------------------------------------------------------------ per request
+
+    def prepare_request(self, inputs: list[np.ndarray], parameters: Mapping[str, Any]) -> list[np.ndarray]:
+        """Check (text) or decode (images) one request's inputs; InvalidArgument names the element."""
+        if not self.manifest.is_text:
+            return [self._decode_images(inputs[0])]
+        texts = inputs[0]
+        if texts.ndim != 1:
+            raise InvalidArgument(f"input '{TEXT_INPUT}' must be a list of texts (shape [n]), got shape {list(texts.shape)}")
+        for index, text in enumerate(texts.tolist()):
+            if not text.strip():
+                raise InvalidArgument(f"input '{TEXT_INPUT}': text {index} is empty")
+        truncation = parameters.get("truncation")
+        if truncation is not None and truncation.WhichOneof("parameter_choice") == "bool_param" and not truncation.bool_param:
+            limit = self.manifest.max_length
+            for index, encoding in enumerate(self._untruncated.encode_batch(texts.tolist())):
+                if len(encoding.ids) > limit:
+                    raise InvalidArgument(
+                        f"input '{TEXT_INPUT}': text {index} has {len(encoding.ids)} tokens, more than the model's "
+                        f"maximum of {limit}; shorten it or allow truncation"
+                    )
+        return inputs
+
+    def _decode_images(self, images: np.ndarray) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        if images.ndim != 1:
+            raise InvalidArgument(f"input '{IMAGE_INPUT}' must be a list of images (shape [n]), got shape {list(images.shape)}")
+        spec = self.manifest.image
+        assert spec is not None
+        pixels = np.empty((len(images), 3, spec.height, spec.width), dtype=np.float32)
+        for index, data in enumerate(images.tolist()):
+            try:
+                with Image.open(io.BytesIO(data), formats=_IMAGE_FORMATS) as opened:
+                    if opened.width * opened.height > _MAX_IMAGE_PIXELS:
+                        raise InvalidArgument(
+                            f"input '{IMAGE_INPUT}': image {index} has {opened.width}x{opened.height} pixels, more than "
+                            f"the {_MAX_IMAGE_PIXELS} allowed"
+                        )
+                    image = opened.convert("RGB")
+            except InvalidArgument:
+                raise
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise InvalidArgument(
+                    f"input '{IMAGE_INPUT}': element {index} is not a readable image "
+                    f"({', '.join(f.lower() for f in _IMAGE_FORMATS)}): {exc}"
+                ) from None
+            pixels[index] = _pixel_values(image, spec)
+        return pixels
+
+    # ------------------------------------------------------------------------------ per batch
+
+    def infer(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        manifest = self.manifest
+        graph_output = manifest.graph_output()
+        if manifest.task == IMAGE_CLASSIFICATION:
+            logits = self.inner.infer({"pixel_values": inputs[IMAGE_INPUT]}, [graph_output])[graph_output]
+            produced = self._classify(logits)
+        else:
+            texts = inputs[TEXT_INPUT].tolist()
+            encodings = self._tokenizer.encode_batch(texts)
+            ids = np.array([e.ids for e in encodings], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in self._feeds:
+                feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
+            feeds = {name: feeds[name] for name in self._feeds}
+            result = self.inner.infer(feeds, [graph_output])[graph_output]
+            truncated = np.array([bool(e.overflowing) for e in encodings], dtype=bool)
+            if manifest.task == FEATURE_EXTRACTION:
+                produced = {
+                    "embedding": np.ascontiguousarray(result, dtype=np.float32),
+                    "tokens": mask.sum(axis=1, dtype=np.int32),
+                }
+            elif manifest.task == TOKEN_CLASSIFICATION:
+                produced = {"entities": self._entities(texts, encodings, result)}
+            else:
+                produced = self._classify(result)
+            produced["truncated"] = truncated
+        return {name: produced[name] for name in output_names}
+
+    def _scores(self, logits: np.ndarray) -> np.ndarray:
+        logits = logits.astype(np.float32, copy=False)
+        if self.manifest.scores == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-logits))
+        if self.manifest.scores == "none":
+            return logits
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+
+    def _classify(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        scores = self._scores(logits)
+        best = scores.argmax(axis=1)
+        return {
+            "label": self._labels[best],
+            "score": scores[np.arange(len(best)), best].astype(np.float32),
+            "scores": np.ascontiguousarray(scores, dtype=np.float32),
+        }
+
+    def _entities(self, texts: list[str], encodings: list[Any], logits: np.ndarray) -> np.ndarray:
+        """Entities per text, grouped as Hugging Face's token-classification "simple" aggregation:
+        adjacent tokens of one tag (B-X then I-X ...) form one entity with the mean score; "O" is
+        dropped. Offsets are character offsets into the text."""
+        scores = self._scores(logits)
+        labels = self.manifest.labels
+        tokenizer = self._tokenizer
+        decoder = tokenizer.decoder
+        unk = _unk_id(tokenizer)
+        result = np.empty(len(texts), dtype=object)
+        for row, (text, encoding) in enumerate(zip(texts, encodings)):
+            tokens = []
+            for index, (token_id, special, (start, end)) in enumerate(
+                zip(encoding.ids, encoding.special_tokens_mask, encoding.offsets)
+            ):
+                if special:
+                    continue
+                best = int(scores[row, index].argmax())
+                word = text[start:end] if token_id == unk else encoding.tokens[index]
+                tokens.append((labels[best], float(scores[row, index, best]), word, start, end))
+            groups: list[list[tuple]] = []
+            for token in tokens:
+                bi, tag = _tag(token[0])
+                if groups and bi != "B" and _tag(groups[-1][-1][0])[1] == tag:
+                    groups[-1].append(token)
+                else:
+                    groups.append([token])
+            entities = []
+            for group in groups:
+                tag = group[0][0].split("-", 1)[-1]
+                if tag == "O":
+                    continue
+                words = [t[2] for t in group]
+                entities.append({
+                    "entity_group": tag,
+                    "score": round(float(np.mean([t[1] for t in group])), 6),
+                    "word": decoder.decode(words) if decoder is not None else " ".join(words),
+                    "start": group[0][3],
+                    "end": group[-1][4],
+                })  # fmt: skip
+            result[row] = json.dumps(entities, separators=(",", ":"))
+        return result
+
+
+def _tag(label: str) -> tuple[str, str]:
+    if label.startswith("B-"):
+        return "B", label[2:]
+    if label.startswith("I-"):
+        return "I", label[2:]
+    return "I", label  # not in B-/I- form: a continuation
+
+
+def _unk_id(tokenizer: Any) -> int | None:
+    model = tokenizer.model
+    token = getattr(model, "unk_token", None)
+    return tokenizer.token_to_id(token) if token else None
+
+
+def _pixel_values(image: Any, spec: Any) -> np.ndarray:
+    """One RGB PIL image → float32 [3, height, width], as the model's image processor prepares it."""
+    if spec.shortest_edge is not None:
+        width, height = image.size
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
+        size = (new_short, new_long) if width <= height else (new_long, new_short)
+        image = image.resize(size, resample=spec.resample)
+        left = (image.width - spec.width) // 2
+        top = (image.height - spec.height) // 2
+        image = image.crop((left, top, left + spec.width, top + spec.height))
+    elif image.size != (spec.width, spec.height):
+        image = image.resize((spec.width, spec.height), resample=spec.resample)
+    array = np.asarray(image, dtype=np.float32)
+    if spec.rescale_factor is not None:
+        array = array * np.float32(spec.rescale_factor)
+    if spec.mean is not None:
+        array = (array - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    return array.transpose(2, 0, 1)
