@@ -9,8 +9,12 @@ from rich.table import Table
 
 from aimaas.scheduler.v1 import scheduler_pb2 as spb
 from aimaas.sdk import Deployment, ModelService
-from aimaas.sdk.deployments import status_word
+from aimaas.sdk.deployments import status_reason, status_word
 from aimaas.types.v1 import types_pb2
+
+
+# Status words (aimaas.sdk.deployments.status_word) in the status table; PENDING and others yellow.
+STATUS_COLOURS = {"READY": "green", "DEGRADED": "dark_orange", "FAILED": "red"}
 
 
 def _enum(enum: Any, value: int, prefix: str) -> str:
@@ -23,6 +27,7 @@ def deployment_entry(deployment: Deployment, via_gateway: bool) -> dict[str, Any
         "name": raw.spec.name,
         "model": raw.spec.model,
         "status": status_word(raw),
+        "status_reason": status_reason(raw),
         "min_replicas": raw.spec.min_replicas,
         "max_replicas": raw.spec.max_replicas,
         "generation": raw.spec.generation,
@@ -77,10 +82,13 @@ def deployments_table(entries: list[dict[str, Any]]) -> Table:
         versions = entry["versions"] or [{"version": "-", "weight": "-", "ready_replicas": 0, "desired_replicas": 0, "replicas": []}]
         for index, version in enumerate(versions):
             replicas = "\n".join(f"{r['node_id']} {r['address']} {r['state']}" for r in version["replicas"]) or "-"
-            colour = {"READY": "green", "FAILED": "red"}.get(entry["status"], "yellow")
+            colour = STATUS_COLOURS.get(entry["status"], "yellow")
+            status = f"[{colour}]{entry['status']}[/]"
+            if entry.get("status_reason") and entry["status"] != "READY":
+                status += "\n" + escape(entry["status_reason"])
             table.add_row(
                 entry["name"] if index == 0 else "", entry["model"] if index == 0 else "",
-                f"[{colour}]{entry['status']}[/]" if index == 0 else "", str(version["version"]),
+                status if index == 0 else "", str(version["version"]),
                 f"{version['weight']}%", f"{version['ready_replicas']}/{version['desired_replicas']}", escape(replicas),
             )  # fmt: skip
     return table

@@ -1,4 +1,4 @@
-"""Pure views of a scheduler Deployment: readiness, a one-line progress summary, a status word."""
+"""Pure views of a scheduler Deployment: readiness, a one-line progress summary, a status word and its reason."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ from aimaas.scheduler.v1 import scheduler_pb2 as spb
 from aimaas.types.v1 import types_pb2
 
 READY_STATE = types_pb2.REPLICA_STATE_READY
-# Conditions that describe a problem while they hold; the others describe health while they hold.
+# Conditions that describe a problem while they hold...
 PROBLEM_CONDITIONS = frozenset({"Unschedulable", "RolledBack"})
+# ...and the one that describes health while it holds (the others, e.g. Progressing, Evicted and
+# Canary, describe what is going on, good or bad, and are no problem either way).
+HEALTH_CONDITION = "Ready"
+# Why Ready is false that is a problem rather than a wait (loading, scaling, scaled to zero).
+_PROBLEM_READY_REASONS = frozenset({"ReplicaFailed"})
 
 
 def is_ready(deployment: spb.Deployment, min_replicas: int | None = None) -> bool:
@@ -19,30 +24,55 @@ def is_ready(deployment: spb.Deployment, min_replicas: int | None = None) -> boo
     return all(v.ready_replicas >= need for v in serving)
 
 
+def serves(deployment: spb.Deployment) -> bool:
+    """Some version with traffic has a READY replica: requests are answered."""
+    return any(v.weight > 0 and v.ready_replicas > 0 for v in deployment.status.versions)
+
+
+def _problem(condition: spb.Condition) -> bool:
+    if condition.type in PROBLEM_CONDITIONS:
+        return condition.status
+    return condition.type == HEALTH_CONDITION and not condition.status and condition.reason in _PROBLEM_READY_REASONS
+
+
+def _describe(condition: spb.Condition) -> str:
+    return f"{condition.type}: {condition.reason}" + (f" ({condition.message})" if condition.message else "")
+
+
 def problems(deployment: spb.Deployment) -> list[str]:
     """`Type: reason (message)` of every condition that says something is wrong."""
-    return [
-        f"{c.type}: {c.reason}" + (f" ({c.message})" if c.message else "")
-        for c in deployment.status.conditions
-        if c.reason and (c.status if c.type in PROBLEM_CONDITIONS else not c.status)
-    ]
+    return [_describe(c) for c in deployment.status.conditions if c.reason and _problem(c)]
 
 
 def status_word(deployment: spb.Deployment) -> str:
-    """READY, FAILED (a problem condition holds and nothing serves) or PENDING."""
+    """READY; DEGRADED (a problem holds, e.g. replicas that cannot be placed, while some READY
+    replica serves the traffic); FAILED (a problem holds and nothing serves); else PENDING."""
     if is_ready(deployment):
         return "READY"
-    if any(c.status and c.type in PROBLEM_CONDITIONS for c in deployment.status.conditions):
-        return "FAILED"
+    if any(_problem(c) for c in deployment.status.conditions):
+        return "DEGRADED" if serves(deployment) else "FAILED"
     return "PENDING"
+
+
+def status_reason(deployment: spb.Deployment) -> str:
+    """Why a deployment is not READY, in one line: its problems, else what it waits for ("" when READY)."""
+    if is_ready(deployment):
+        return ""
+    found = problems(deployment)
+    if found:
+        return "; ".join(found)
+    if deployment.status.observed_generation < deployment.spec.generation:
+        return "the scheduler has not acted on the latest spec yet"
+    ready = next((c for c in deployment.status.conditions if c.type == HEALTH_CONDITION and c.reason), None)
+    return _describe(ready) if ready is not None else "no replicas yet"
 
 
 def progress_line(deployment: spb.Deployment) -> str:
     parts = [
         f"v{v.version} ({v.weight}%): {v.ready_replicas}/{v.desired_replicas} ready" for v in deployment.status.versions
     ]
-    reasons = problems(deployment)
-    return "; ".join(parts or ["no replicas yet"]) + (" | " + "; ".join(reasons) if reasons else "")
+    reason = status_reason(deployment)
+    return "; ".join(parts or ["no replicas yet"]) + (f" | {reason}" if reason and parts else "")
 
 
 def ready_addresses(deployment: spb.Deployment, version: int | None = None) -> list[tuple[int, str]]:

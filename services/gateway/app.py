@@ -78,7 +78,8 @@ class GatewayApp:
             interceptors=self.telemetry.client_interceptors(),
             poll_seconds=config.upstream_poll_microseconds / 1e6,
         )
-        self.routing = RoutingWatcher(self.etcd, logger=self.log, on_change=self._routing_changed)
+        self.routing = RoutingWatcher(self.etcd, logger=self.log, on_change=self._routing_changed, probe=self.upstream.probe,
+                                      grace_seconds=config.replica_grace_seconds, probe_seconds=config.replica_grace_probe_seconds)
         interceptors = self.telemetry.client_interceptors() or None
         options = [
             ("grpc.max_receive_message_length", config.limits.max_body_bytes),

@@ -8,8 +8,15 @@ READY), `status/<node>/<model>/<version>` (ReplicaStatus, READY ones are routabl
 unchanged (invariant 1: a control-plane outage never stops serving loaded models); a compaction
 reset or a reconnect re-lists everything.
 
+Replica statuses are lease-bound, and an etcd that was frozen or partitioned past the lease TTL
+expires every lease at once when it comes back: every READY record vanishes together, moments
+before the nodes register again. So a READY replica whose status vanishes (deleted, or missing from
+a re-listing; a status put in another state is a real change) is *held*: still routed while its node
+answers probes, until its status is written again, a probe fails, or `grace_seconds` pass.
+
 `RoutingState`, `choose_version` and `choose_replica` are pure (unit-tested); `RoutingWatcher`
-feeds the state from etcd and publishes immutable `RoutingTable` snapshots.
+feeds the state from etcd, probes the nodes of held replicas and publishes immutable `RoutingTable`
+snapshots.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import asyncio
 import contextlib
 import hashlib
 import random
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -105,15 +113,35 @@ class RoutingTable:
         return {r.address for route in self.routes.values() for v in route.versions for r in v.replicas}
 
 
-class RoutingState:
-    """The etcd records routing needs, updated one key at a time; `table()` builds a snapshot."""
+ReplicaKey = tuple[str, str, int]  # (node id, model, version)
+# The node at an address says which of these (model, version) it serves READY now (empty: it does
+# not answer, or is not ready).
+ReplicaProbe = Callable[[str, Sequence[tuple[str, int]], float], Awaitable[set[tuple[str, int]]]]
 
-    def __init__(self, keys: KeyBuilder) -> None:
+
+@dataclass(frozen=True, slots=True, eq=False)
+class HeldReplica:
+    """A READY replica whose status record vanished, routed at `address` until `until` (monotonic)."""
+
+    address: str
+    until: float
+
+
+class RoutingState:
+    """The etcd records routing needs, updated one key at a time; `table()` builds a snapshot.
+
+    `grace_seconds` > 0 holds READY replicas whose status vanishes (see the module docstring) for at
+    most that long on `clock`; the caller drops them earlier when their node stops answering."""
+
+    def __init__(self, keys: KeyBuilder, *, grace_seconds: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._keys = keys
+        self._grace = grace_seconds
+        self._clock = clock
         self.specs: dict[str, spb.DeploymentSpec] = {}
         self.statuses: dict[str, spb.DeploymentStatus] = {}
         # (node, model, version) → READY replica status (other states are not kept).
-        self.replicas: dict[tuple[str, str, int], spb.ReplicaStatus] = {}
+        self.replicas: dict[ReplicaKey, spb.ReplicaStatus] = {}
+        self.held: dict[ReplicaKey, HeldReplica] = {}
         self.nodes: dict[str, str] = {}
         self._generation = 0
 
@@ -122,12 +150,47 @@ class RoutingState:
         return (k.deployments_prefix(), k.deployment_statuses_prefix(), k.statuses_prefix(), k.nodes_prefix())
 
     def reset(self, kvs: Iterable[KeyValue]) -> None:
+        ready, held = dict(self.replicas), dict(self.held)
         self.specs.clear()
         self.statuses.clear()
         self.replicas.clear()
+        self.held.clear()
         self.nodes.clear()
+        listed: set[ReplicaKey] = set()
         for kv in kvs:
             self.apply("put", kv.key, kv.value)
+            if (replica := self._keys.parse_status_key(kv.key)) is not None:
+                listed.add(replica)
+        # A status missing from the listing vanished meanwhile: the same as its delete event.
+        for key, status in ready.items():
+            if key not in listed:
+                self._hold(key, status)
+        for key, entry in held.items():
+            if key not in listed:
+                self.held[key] = entry
+
+    def _hold(self, key: ReplicaKey, status: spb.ReplicaStatus) -> None:
+        address = status.address or self.nodes.get(key[0], "")
+        if self._grace > 0 and address:
+            self.held[key] = HeldReplica(address, self._clock() + self._grace)
+
+    def drop(self, key: ReplicaKey, entry: HeldReplica) -> bool:
+        """Stop holding `entry` (its node failed a probe); False if it is no longer held."""
+        if self.held.get(key) is entry:
+            del self.held[key]
+            return True
+        return False
+
+    def expire(self) -> list[ReplicaKey]:
+        """Stop holding the replicas whose grace is over; their keys."""
+        now = self._clock()
+        over = [key for key, entry in self.held.items() if entry.until <= now]
+        for key in over:
+            del self.held[key]
+        return over
+
+    def next_expiry(self) -> float | None:
+        return min((entry.until for entry in self.held.values()), default=None)
 
     def apply(self, kind: str, key: str, value: bytes) -> bool:
         """Apply one put/delete; False when the key is not one routing uses (or its value is bad)."""
@@ -148,7 +211,11 @@ class RoutingState:
                 status = from_json(value, spb.ReplicaStatus) if put else None
                 if status is not None and status.state == tpb.REPLICA_STATE_READY:
                     self.replicas[replica] = status
-                elif self.replicas.pop(replica, None) is None:
+                    self.held.pop(replica, None)
+                elif (gone := self.replicas.pop(replica, None)) is not None:
+                    if status is None:
+                        self._hold(replica, gone)  # vanished, not changed: its lease may just have expired
+                elif self.held.pop(replica, None) is None:
                     return False  # LOADING/FAILED of a replica that was not routable: no change
             elif (node := keys.parse_node_key(key)) is not None:
                 if put:
@@ -163,9 +230,11 @@ class RoutingState:
 
     def table(self) -> RoutingTable:
         self._generation += 1
+        now = self._clock()
+        addresses = {key: status.address or self.nodes.get(key[0], "") for key, status in self.replicas.items()}
+        addresses.update((key, entry.address) for key, entry in self.held.items() if entry.until > now)
         by_model_version: dict[tuple[str, int], list[Replica]] = {}
-        for (node, model, version), status in sorted(self.replicas.items()):
-            address = status.address or self.nodes.get(node, "")
+        for (node, model, version), address in sorted(addresses.items()):
             if address:
                 by_model_version.setdefault((model, version), []).append(Replica(node, address, model, version))
         routes: dict[str, Route] = {}
@@ -266,7 +335,11 @@ def choose_replica(
 
 
 class RoutingWatcher:
-    """Keeps a `RoutingTable` in step with etcd; the last table stays in use while etcd is away."""
+    """Keeps a `RoutingTable` in step with etcd; the last table stays in use while etcd is away.
+
+    With a `probe`, READY replicas whose status vanishes are held (see the module docstring) for at
+    most `grace_seconds`; their nodes are probed at once and then every `probe_seconds`, and one
+    failed probe drops them. Without a probe nothing is held."""
 
     def __init__(
         self,
@@ -274,26 +347,40 @@ class RoutingWatcher:
         *,
         logger: structlog.stdlib.BoundLogger,
         on_change: Callable[[RoutingTable], None] | None = None,
+        probe: ReplicaProbe | None = None,
+        grace_seconds: float = 0.0,
+        probe_seconds: float = 1.0,
     ) -> None:
         self._etcd = etcd
         self._log = logger
-        self._state = RoutingState(etcd.keys)
+        self._probe = probe
+        self._probe_seconds = probe_seconds
+        self._state = RoutingState(etcd.keys, grace_seconds=grace_seconds if probe is not None else 0.0)
         self._on_change = on_change
         self.table = RoutingTable()
         # Set once the first listing is in: before that the gateway knows no deployment.
         self.loaded = asyncio.Event()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._holding: asyncio.Task[None] | None = None
+        self._new_hold = asyncio.Event()
+        self._announced: set[HeldReplica] = set()
+
+    @property
+    def held(self) -> frozenset[ReplicaKey]:
+        """Replicas routed although their status vanished (see the module docstring)."""
+        return frozenset(self._state.held)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="gateway-routing-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._holding):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._holding = None
 
     async def wait_loaded(self, timeout: float) -> bool:
         try:
@@ -318,6 +405,58 @@ class RoutingWatcher:
                 self._on_change(self.table)
             except Exception:  # noqa: BLE001 - a listener must not stop routing updates
                 self._log.exception("routing table listener failed")
+        held = self._state.held
+        if held and any(entry not in self._announced for entry in held.values()):
+            self._new_hold.set()  # a new hold is probed at once
+            if self._holding is None or self._holding.done():
+                self._holding = asyncio.get_running_loop().create_task(self._check_held(), name="gateway-routing-held")
+
+    async def _check_held(self) -> None:
+        """While replicas are held: probe their nodes now and every probe interval (at once for a
+        new hold), drop the ones a node no longer serves, end the holds whose grace is over."""
+        assert self._probe is not None
+        state = self._state
+        while state.held:
+            self._new_hold.clear()
+            changed = False
+            for key in state.expire():
+                changed = True
+                self._log.warning("replica still has no status after the grace period; no longer routed",
+                                  node=key[0], model=key[1], version=key[2])
+            by_address: dict[str, list[tuple[ReplicaKey, HeldReplica]]] = {}
+            for key, entry in state.held.items():
+                by_address.setdefault(entry.address, []).append((key, entry))
+                if entry not in self._announced:
+                    self._announced.add(entry)
+                    self._log.warning(
+                        "replica status vanished (lease expired?); still routed while its node answers",
+                        node=key[0], model=key[1], version=key[2], address=entry.address,
+                        seconds_left=round(entry.until - time.monotonic(), 1),
+                    )
+            answers = await asyncio.gather(
+                *(
+                    self._probe(address, [(k[1], k[2]) for k, _ in entries], max(1.0, self._probe_seconds))
+                    for address, entries in by_address.items()
+                ),
+                return_exceptions=True,
+            )
+            for (address, entries), answer in zip(by_address.items(), answers):
+                if isinstance(answer, BaseException):
+                    self._log.warning("probing a held replica's node failed", address=address, error=repr(answer))
+                serving = answer if isinstance(answer, set) else set()
+                for key, entry in entries:
+                    if (key[1], key[2]) not in serving and state.drop(key, entry):
+                        changed = True
+                        self._log.warning("held replica's node does not serve it; no longer routed",
+                                          node=key[0], model=key[1], version=key[2], address=address)
+            self._announced.intersection_update(state.held.values())
+            if changed:
+                self._publish()
+            until = state.next_expiry()
+            if until is not None and not self._new_hold.is_set():
+                pause = max(0.0, min(self._probe_seconds, until - time.monotonic()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._new_hold.wait(), pause)
 
     async def _list(self) -> int:
         revision = await self._etcd.current_revision()

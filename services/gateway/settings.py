@@ -50,6 +50,12 @@ class GatewayServerSettings(ServerSettings):
     retry_max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     # A replica that failed with UNAVAILABLE is avoided for this long (or until its status changes).
     replica_eject_seconds: Annotated[float, Field(ge=0)] = 5.0
+    # A READY replica whose lease-bound status vanishes (its node's etcd lease expired: an etcd
+    # frozen past the lease TTL expires every lease at once when it resumes) stays routed while its
+    # node answers probes, until its status is written again, for at most this long; 0: dropped at once.
+    replica_grace_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # The nodes of such replicas are probed (ServerReady, ModelReady) this often; one failed probe ends it.
+    replica_grace_probe_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
     # Requests for a deployment scaled to zero wait this long for a READY replica...
     scale_from_zero_hold_seconds: Annotated[float, Field(ge=0)] = 30.0
     # ...and at most this many wait at once (more get RESOURCE_EXHAUSTED).

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import grpc
 import structlog
@@ -269,6 +269,24 @@ class Upstream:
 
     def forgive(self, address: str) -> None:
         self._ejected_until.pop(address, None)
+
+    async def probe(self, address: str, replicas: Sequence[tuple[str, int]], timeout: float) -> set[tuple[str, int]]:
+        """Which of `replicas` (model, version) the node at `address` serves READY now, as it says
+        itself (ServerReady, then ModelReady each): nothing when it does not answer in `timeout`,
+        is shutting down (not ready), or failed a request lately (ejected). Routing holds a replica
+        whose lease-bound status vanished only while this says so (routing.RoutingWatcher)."""
+        if self.ejected(address):
+            return set()
+        stub = self.stub(address)
+        try:
+            if not (await stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout)).ready:
+                return set()
+            answers = await asyncio.gather(
+                *(stub.ModelReady(pb.ModelReadyRequest(name=m, version=str(v)), timeout=timeout) for m, v in replicas)
+            )
+        except grpc.aio.AioRpcError:
+            return set()
+        return {replica for replica, answer in zip(replicas, answers) if answer.ready}
 
     @contextlib.contextmanager
     def track(self, address: str) -> Iterator[None]:

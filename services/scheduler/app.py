@@ -30,6 +30,7 @@ from services.scheduler.canary import CanaryMetricsSource, MonitorCanaryMetrics
 from services.scheduler.core import DeploymentService
 from services.scheduler.leadership import Leadership
 from services.scheduler.planner import Plan
+from services.scheduler.probe import NodeProbe
 from services.scheduler.reconciler import Reconciler
 from services.scheduler.servicer import SchedulerServicer, register
 from services.scheduler.settings import SchedulerServerSettings, SchedulerSettings
@@ -103,7 +104,7 @@ class SchedulerApp:
         self.canary_metrics = canary_metrics
         self.reconciler = Reconciler(
             self.etcd, config, self.autoscaler, logger=self.log, metrics=self.scheduler_metrics,
-            canary_metrics=canary_metrics,
+            canary_metrics=canary_metrics, node_probe=NodeProbe(timeout_seconds=max(1.0, config.node_grace_probe_seconds)),
         )  # fmt: skip
         self.leadership = Leadership(
             self.etcd,

@@ -17,9 +17,11 @@ Per deployment (oldest first, so older deployments keep priority for scarce capa
    to retry it for the same spec generation; a new generation (any spec change) retries.
 4. Replica counts: total = autoscaler's decision clamped to [min, max], split by weight with the
    largest-remainder method, and at least one replica per version that receives traffic.
-5. Per version: keep assignments on live, capable nodes; drop extras (FAILED, unreported, LOADING
-   before READY; most loaded nodes first); place the missing ones with the Placer; a FAILED replica of
-   a serving version is moved to another node after `failed_replica_retry_seconds`.
+5. Per version: keep assignments on live, capable nodes, and on `missing_nodes` (record vanished
+   lately, may register again: kept as they are, counted, not re-placed); drop extras (FAILED,
+   unreported, LOADING before READY; most loaded nodes first); place the missing ones with the
+   Placer; a FAILED replica of a serving version is moved to another node after
+   `failed_replica_retry_seconds`.
 6. Every scheduler-written assignment (it names its deployment) or assignment of a deployed model
    that no deployment wants (dead nodes, deleted deployments, finished rollouts) is deleted; status
    records of deleted deployments are deleted. Hand-written assignments (no deployment, model not
@@ -234,8 +236,10 @@ class _Planner:
         config: PlannerConfig,
         idle_since: Mapping[str, float] | None = None,
         canary_metrics: Mapping[str, CanaryMeasurement] | None = None,
+        missing_nodes: frozenset[str] | set[str] = frozenset(),
     ) -> None:
         self.s = snapshot
+        self.missing_nodes = missing_nodes
         self.canary_metrics = canary_metrics or {}
         self.idle_since = idle_since or {}
         # Eviction state, built lazily on the first placement short of memory.
@@ -714,8 +718,12 @@ class _Planner:
         retry = self.config.failed_replica_retry_seconds
         kept: list[str] = []
         for node in sorted(self.assigned.get((model, version), ())):
-            if node not in self.s.nodes or (node, model, version) in self.evicted:
-                continue  # dead node (garbage-collected below), or evicted in this pass
+            if node not in self.s.nodes:
+                if node in self.missing_nodes:
+                    kept.append(node)  # may register again any moment: re-placing would reload it
+                continue  # dead node (garbage-collected below)
+            if (node, model, version) in self.evicted:
+                continue  # evicted in this pass
             if backend != ANY_BACKEND and backend not in self.s.nodes[node].backends:
                 continue  # the node cannot run it (any more): moved elsewhere
             status = self.s.replicas.get((node, model, version))
@@ -926,6 +934,7 @@ def plan(
     config: PlannerConfig | None = None,
     idle_since: Mapping[str, float] | None = None,
     canary_metrics: Mapping[str, CanaryMeasurement] | None = None,
+    missing_nodes: frozenset[str] | set[str] = frozenset(),
 ) -> Plan:
     """The writes that move `snapshot` toward its deployments (see the module docstring).
 
@@ -933,7 +942,8 @@ def plan(
     `unschedulable_nodes`: nodes that get no new replicas (probation). `avoid`: (node, model, version)
     where the version failed lately. `idle_since`: per deployment, since when (wall-clock, like
     `now`) its load signal shows no traffic; absent: unknown or active (never evicted).
-    `canary_metrics`: per deployment, the leader's latest measurement of its canary candidate."""
+    `canary_metrics`: per deployment, the leader's latest measurement of its canary candidate.
+    `missing_nodes`: nodes without a record whose assignments stay (within their grace period)."""
     return _Planner(
         snapshot,
         now=now,
@@ -944,4 +954,5 @@ def plan(
         config=config or PlannerConfig(),
         idle_since=idle_since,
         canary_metrics=canary_metrics,
+        missing_nodes=missing_nodes,
     ).run()

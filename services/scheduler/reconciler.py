@@ -12,8 +12,13 @@
 - `_canary_loop` measures every running canary's candidate (its step's weights in effect) every
   `canary_check_interval_seconds` through a `CanaryMetricsSource`; the planner decides from the
   latest measurement (canary.py), and a pass runs at once when a measurement can change a decision.
-- `FlapTracker` damps flapping nodes: a node whose record re-appears within `flap_window` of
-  vanishing is on probation (no new placements) for `probation` seconds, doubled per further flap.
+- `NodeGrace` keeps the assignments of a node whose record vanished for `node_grace_seconds`
+  (nothing re-placed): an etcd frozen past the lease TTL expires every node's lease at once when it
+  resumes, and the nodes register again moments later. A node whose readiness probe fails
+  (`NodeProbe`, at its last known address) is lost at once; so is one whose grace ends.
+- `FlapTracker` damps flapping nodes: a node whose record re-appears within `flap_window` of being
+  lost is on probation (no new placements) for `probation` seconds, doubled per further flap. A node
+  back within its grace period lost nothing and is not on probation.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -83,13 +88,61 @@ class FlapTracker:
         return set(self._until), min(self._until.values(), default=None)
 
 
+class NodeGrace:
+    """Nodes whose record vanished and that may register again: their assignments stay for
+    `grace_seconds` (pure; `now` is monotonic seconds)."""
+
+    def __init__(self, grace_seconds: float) -> None:
+        self._grace = grace_seconds
+        self._since: dict[str, float] = {}
+        # Last known address of every node seen (a vanished record no longer tells it).
+        self._addresses: dict[str, str] = {}
+
+    def seen(self, node_id: str, address: str) -> bool:
+        """A (re-)registration; True when the node was missing (back within its grace)."""
+        if address:
+            self._addresses[node_id] = address
+        return self._since.pop(node_id, None) is not None
+
+    def vanished(self, node_id: str, now: float) -> bool:
+        """The node's record is gone: True while it is in its grace (kept), False when it is lost."""
+        if self._grace <= 0:
+            return False
+        self._since.setdefault(node_id, now)
+        return True
+
+    def lost(self, node_id: str) -> bool:
+        """End a missing node's grace early (its probe failed); False if it was not missing."""
+        return self._since.pop(node_id, None) is not None
+
+    def expire(self, now: float) -> list[str]:
+        """End the graces that are over; those nodes are lost."""
+        over = [node_id for node_id, since in self._since.items() if now - since >= self._grace]
+        for node_id in over:
+            del self._since[node_id]
+        return over
+
+    def missing(self) -> frozenset[str]:
+        return frozenset(self._since)
+
+    def addresses(self) -> dict[str, str]:
+        """Missing nodes with a known address (the ones a probe can ask)."""
+        return {node_id: self._addresses[node_id] for node_id in self._since if node_id in self._addresses}
+
+    def next_expiry(self) -> float | None:
+        return min((since + self._grace for since in self._since.values()), default=None)
+
+
 class ClusterCache:
-    def __init__(self, etcd: EtcdClient, logger: Any, on_node: Callable[[str, bool], None] | None = None) -> None:
+    def __init__(
+        self, etcd: EtcdClient, logger: Any, on_node: Callable[[str, bool, str], None] | None = None
+    ) -> None:
+        """`on_node(node_id, present, address)`: a node record appeared or vanished."""
         self._etcd = etcd
         self._keys = etcd.keys
         self._root = etcd.keys.namespace + "/"
         self._log = logger
-        self._on_node = on_node or (lambda node_id, present: None)
+        self._on_node = on_node or (lambda node_id, present, address: None)
         self.snapshot = Snapshot()
         self.revision = 0
         self.loaded = asyncio.Event()
@@ -109,9 +162,10 @@ class ClusterCache:
             elif (parsed := k.parse_status_key(key)) is not None:
                 s.replicas[parsed] = from_json(value, spb.ReplicaStatus)
             elif (node_id := k.parse_node_key(key)) is not None:
+                node = from_json(value, spb.Node)
                 if node_id not in s.nodes:
-                    self._on_node(node_id, True)
-                s.nodes[node_id] = from_json(value, spb.Node)
+                    self._on_node(node_id, True, node.address)
+                s.nodes[node_id] = node
             elif (name := k.parse_deployment_key(key)) is not None:
                 old = s.deployments.get(name)
                 s.deployments[name] = Stored(
@@ -135,8 +189,8 @@ class ClusterCache:
         elif (parsed := k.parse_status_key(key)) is not None:
             s.replicas.pop(parsed, None)
         elif (node_id := k.parse_node_key(key)) is not None:
-            if s.nodes.pop(node_id, None) is not None:
-                self._on_node(node_id, False)
+            if (node := s.nodes.pop(node_id, None)) is not None:
+                self._on_node(node_id, False, node.address)
         elif (name := k.parse_deployment_key(key)) is not None:
             s.deployments.pop(name, None)
         elif (name := k.parse_deployment_status_key(key)) is not None:
@@ -147,14 +201,14 @@ class ClusterCache:
             s.aliases.pop(parsed, None)
 
     def _load(self, kvs: list[KeyValue], revision: int) -> None:
-        before = set(self.snapshot.nodes)
+        before = self.snapshot.nodes
         self.snapshot = Snapshot()
         for kv in kvs:
             self._put(kv.key, kv.value, kv.mod_revision, kv.create_revision)
         if self.loaded.is_set():
-            # After a reset: nodes that vanished meanwhile were lost.
-            for node_id in before - set(self.snapshot.nodes):
-                self._on_node(node_id, False)
+            # After a reset: nodes that vanished meanwhile.
+            for node_id in set(before) - set(self.snapshot.nodes):
+                self._on_node(node_id, False, before[node_id].address)
         self.revision = revision
         self.loaded.set()
         self.changed.set()
@@ -214,8 +268,12 @@ class Reconciler:
         logger: Any = None,
         metrics: Any = None,
         canary_metrics: CanaryMetricsSource | None = None,
+        node_probe: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
+        """`node_probe(address)`: whether the node there answers as ready (a vanished node that
+        does not is lost at once; without a probe only its grace period ends it)."""
         self._etcd = etcd
+        self._node_probe = node_probe
         self._canary_source = canary_metrics
         # Latest measurement of each running canary's candidate (this term only).
         self._canary_measurements: dict[str, CanaryMeasurement] = {}
@@ -235,6 +293,8 @@ class Reconciler:
         self._flaps = FlapTracker(
             settings.node_flap_window_seconds, settings.node_probation_seconds, settings.node_probation_max_seconds
         )
+        self._grace = NodeGrace(settings.node_grace_seconds)
+        self._probe_now = asyncio.Event()
         self._avoid: dict[tuple[str, str, int], float] = {}
         self._poke = asyncio.Event()
         self.cache: ClusterCache | None = None
@@ -244,18 +304,59 @@ class Reconciler:
         """Run a pass soon (e.g. after EnsureReplicas)."""
         self._poke.set()
 
-    def _on_node(self, node_id: str, present: bool) -> None:
+    def _on_node(self, node_id: str, present: bool, address: str) -> None:
         now = time.monotonic()
         if present:
+            if self._grace.seen(node_id, address):
+                self._log.info("node registered again within its grace period; its replicas stayed", node_id=node_id)
+                return  # nothing was moved: not a flap
             until = self._flaps.joined(node_id, now)
             if until is not None:
                 self._log.warning(
-                    "node re-registered soon after vanishing: on probation, no new placements",
+                    "node re-registered soon after being lost: on probation, no new placements",
                     node_id=node_id, seconds=round(until - now, 1),
                 )
+        elif self._grace.vanished(node_id, now):
+            self._log.warning(
+                "node record vanished: its replicas stay assigned while it may register again",
+                node_id=node_id, grace_seconds=self._settings.node_grace_seconds,
+            )
+            self._probe_now.set()
         else:
-            self._flaps.lost(node_id, now)
-            self._log.warning("node lost: its replicas are placed elsewhere", node_id=node_id)
+            self._lost(node_id, now, "its record vanished")
+
+    def _lost(self, node_id: str, now: float, why: str) -> None:
+        self._flaps.lost(node_id, now)
+        self._log.warning("node lost: its replicas are placed elsewhere", node_id=node_id, why=why)
+
+    def _nodes_absent_at_start(self, snapshot: Snapshot) -> None:
+        """A new term sees no deletion of the records that vanished before it: nodes still assigned
+        but without a record get their grace from now (unless the last term started it)."""
+        for node_id in sorted({key[0] for key in snapshot.assignments} - set(snapshot.nodes)):
+            if node_id not in self._grace.missing():
+                self._on_node(node_id, False, "")
+
+    async def _probe_missing(self) -> None:
+        """While nodes are missing: ask each, at its last known address, whether it still serves
+        (at once when one vanishes, then every `node_grace_probe_seconds`); one that does not is lost."""
+        probe = self._node_probe
+        assert probe is not None
+        while True:
+            self._probe_now.clear()
+            targets = self._grace.addresses()
+            if not targets:
+                await self._probe_now.wait()
+                continue
+            answers = await asyncio.gather(*(probe(address) for address in targets.values()), return_exceptions=True)
+            now, lost = time.monotonic(), False
+            for (node_id, address), answer in zip(targets.items(), answers):
+                if answer is not True and self._grace.lost(node_id):
+                    self._lost(node_id, now, f"its record vanished and it does not answer as ready at {address}")
+                    lost = True
+            if lost:
+                self.poke()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probe_now.wait(), self._settings.node_grace_probe_seconds)
 
     async def lead(self, election: Election) -> None:
         """Reconcile until cancelled (the caller cancels as soon as leadership is lost)."""
@@ -269,8 +370,11 @@ class Reconciler:
         ]
         if self._canary_source is not None:
             tasks.append(asyncio.create_task(self._canary_loop(cache), name="scheduler-canary"))
+        if self._node_probe is not None:
+            tasks.append(asyncio.create_task(self._probe_missing(), name="scheduler-node-probe"))
         try:
             await cache.loaded.wait()
+            self._nodes_absent_at_start(cache.snapshot)
             wake_in: float | None = 0.0
             while True:
                 waiters = [asyncio.ensure_future(cache.changed.wait()), asyncio.ensure_future(self._poke.wait())]
@@ -352,6 +456,8 @@ class Reconciler:
         started = time.perf_counter()
         monotonic, wall = time.monotonic(), time.time()
         snapshot = cache.snapshot
+        for node_id in self._grace.expire(monotonic):
+            self._lost(node_id, monotonic, f"it did not register again within {self._settings.node_grace_seconds:g}s")
         probation, probation_ends = self._flaps.on_probation(monotonic)
         self._avoid = {key: until for key, until in self._avoid.items() if until > monotonic}
         wanted = self._autoscaler.totals(
@@ -369,6 +475,7 @@ class Reconciler:
             # The autoscaler's clock is monotonic; the planner's is the wall clock.
             idle_since={name: wall - (monotonic - t) for name, t in self._autoscaler.idle_since().items()},
             canary_metrics=dict(self._canary_measurements),
+            missing_nodes=self._grace.missing(),
         )
         for key in result.avoid:
             self._avoid[key] = monotonic + max(self._settings.failed_replica_retry_seconds, 1.0)
@@ -382,7 +489,7 @@ class Reconciler:
                     self._autoscaler.evicted(name, len(keys), stored.value)
         if self._metrics is not None:
             self._metrics.observe_pass(time.perf_counter() - started, result)
-        deadlines = [d for d in (probation_ends, *(self._avoid.values())) if d is not None]
+        deadlines = [d for d in (probation_ends, self._grace.next_expiry(), *(self._avoid.values())) if d is not None]
         wake = [d - monotonic for d in deadlines]
         if result.wake_at is not None:
             wake.append(result.wake_at - wall)

@@ -28,6 +28,15 @@ class SchedulerServerSettings(ServerSettings):
     # node is avoided for that version for as long again.
     failed_replica_retry_seconds: Annotated[float, Field(ge=0)] = 30.0
 
+    # -- failover: lost nodes --------------------------------------------------------------------
+    # A node whose record vanishes (its lease expired) keeps its assignments this long in case it
+    # registers again: an etcd frozen past the lease TTL expires every node at once, moments before
+    # they all re-register, and re-placing their replicas would reload every model. A node that
+    # stops answering its readiness probe is lost at once. 0: its replicas are re-placed at once.
+    node_grace_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # How often such a node is probed (OIP ServerReady at its last known address).
+    node_grace_probe_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+
     # -- failover: flapping nodes ----------------------------------------------------------------
     # A node that re-registers within this window after its record vanished is flapping...
     node_flap_window_seconds: Annotated[float, Field(ge=0)] = 60.0

@@ -34,6 +34,8 @@ def test_defaults_and_nested_environment_names(monkeypatch):
         ("AIMAAS_GATEWAY__STICKY_HEADER", "bad header", "AIMAAS_GATEWAY__STICKY_HEADER"),
         ("AIMAAS_GATEWAY__LIMITS__MAX_BODY_BYTES", "10", "AIMAAS_GATEWAY__LIMITS__MAX_BODY_BYTES"),
         ("AIMAAS_GATEWAY__RETRY_MAX_ATTEMPTS", "0", "AIMAAS_GATEWAY__RETRY_MAX_ATTEMPTS"),
+        ("AIMAAS_GATEWAY__REPLICA_GRACE_SECONDS", "-1", "AIMAAS_GATEWAY__REPLICA_GRACE_SECONDS"),
+        ("AIMAAS_GATEWAY__REPLICA_GRACE_PROBE_SECONDS", "0", "AIMAAS_GATEWAY__REPLICA_GRACE_PROBE_SECONDS"),
     ],
 )
 def test_bad_values_name_their_variable(monkeypatch, capsys, variable, value, expected):
@@ -50,3 +52,12 @@ def test_tls_files_must_exist(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit):
         load_settings(GatewaySettings)
     assert "missing.pem' does not exist" in capsys.readouterr().err
+
+
+def test_replica_grace_settings(monkeypatch):
+    gateway = GatewaySettings().gateway
+    assert (gateway.replica_grace_seconds, gateway.replica_grace_probe_seconds) == (30.0, 1.0)
+    monkeypatch.setenv("AIMAAS_GATEWAY__REPLICA_GRACE_SECONDS", "0")
+    monkeypatch.setenv("AIMAAS_GATEWAY__REPLICA_GRACE_PROBE_SECONDS", "0.25")
+    gateway = GatewaySettings().gateway
+    assert (gateway.replica_grace_seconds, gateway.replica_grace_probe_seconds) == (0.0, 0.25)

@@ -67,7 +67,7 @@ class Session:
     async def _keep_alive(self) -> None:
         assert self._lease_id is not None
         interval = self._ttl / 3
-        delay = interval
+        delay = self._next_refresh(interval)
         while True:
             await asyncio.sleep(delay)
             remaining = self._expires_at - time.monotonic()
@@ -90,15 +90,21 @@ class Session:
                 self._mark_lost("lease expired on the server")
                 return
             self._expires_at = sent_at + ttl
-            delay = interval
+            delay = self._next_refresh(interval)
+
+    def _next_refresh(self, interval: float) -> float:
+        # Normally a third of the TTL. A grant answered late (etcd paused while it was on the way)
+        # leaves less of the TTL we may count on: refresh in time rather than call the lease lost.
+        return min(interval, max(0.0, self._expires_at - time.monotonic()) / 2)
 
     def _mark_lost(self, reason: str) -> None:
         if not self.lost.is_set():
             self._log.warning("etcd session lost", lease=f"{self._lease_id or 0:x}", reason=reason)
             self.lost.set()
 
-    async def close(self) -> None:
-        """Stop keep-alive and revoke the lease (deleting its keys). Best effort; never raises."""
+    async def close(self, *, revoke: bool = True) -> None:
+        """Stop keep-alive and revoke the lease (deleting its keys). Best effort; never raises.
+        `revoke=False` leaves the lease to its TTL (or to a later revoke by id)."""
         if self._closed:
             return
         self._closed = True
@@ -106,7 +112,7 @@ class Session:
             self._task.cancel()
             # asyncio.wait neither raises the task's CancelledError nor swallows our own cancellation.
             await asyncio.wait([self._task])
-        if self._lease_id is not None:
+        if self._lease_id is not None and revoke:
             # Revoke even when lost: after an outage the lease may still exist and hold keys.
             try:
                 await self._client.revoke_lease(self._lease_id)

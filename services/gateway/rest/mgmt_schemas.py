@@ -18,6 +18,7 @@ from aimaas.auth.v1 import auth_pb2 as apb
 from aimaas.monitor.v1 import monitor_pb2 as mpb
 from aimaas.registry.v1 import registry_pb2 as rpb
 from aimaas.scheduler.v1 import scheduler_pb2 as spb
+from aimaas.sdk.deployments import status_reason, status_word
 from aimaas.types.v1 import types_pb2 as tpb
 from services.common.etcd.keys import VERSION_DIGITS
 from services.common.names import LABEL_KEY_RE, MAX_LABEL_VALUE, MAX_LABELS, NAME_RE
@@ -375,9 +376,15 @@ class DeploymentStatus(BaseModel):
     versions: list[VersionStatus]
     conditions: list[Condition]
     ready: bool = Field(description="The Ready condition holds.")
+    state: Literal["READY", "DEGRADED", "PENDING", "FAILED"] = Field(
+        description="READY; DEGRADED: a problem (e.g. replicas that cannot be placed) while READY replicas serve the "
+        "traffic; FAILED: a problem and nothing serves; PENDING: on the way (the SDK's and CLI's status word)."
+    )
+    state_reason: str = Field(description="Why the state is not READY (the problem conditions, or what it waits for).")
 
     @classmethod
-    def of(cls, s: spb.DeploymentStatus) -> DeploymentStatus:
+    def of(cls, d: spb.Deployment) -> DeploymentStatus:
+        s = d.status
         conditions = [
             Condition(
                 type=c.type,
@@ -402,6 +409,8 @@ class DeploymentStatus(BaseModel):
             ],
             conditions=conditions,
             ready=any(c.type == "Ready" and c.status for c in conditions),
+            state=status_word(d),
+            state_reason=status_reason(d),
         )
 
 
@@ -452,7 +461,7 @@ class Deployment(BaseModel):
             generation=s.generation,
             created=ts(s, "created"),
             updated=ts(s, "updated"),
-            status=DeploymentStatus.of(d.status),
+            status=DeploymentStatus.of(d),
             endpoint=endpoint,
             docs_url=docs_url,
         )

@@ -196,6 +196,9 @@ class NodeAgent:
             await asyncio.wait(tasks)
         if self._session is not None:
             await self._session.close()
+        # Leases given up on (not revoked at the time: see _retire) may still hold our records.
+        stale = [self._etcd.revoke_lease(lease_id) for lease_id in self._stale_leases]
+        await asyncio.gather(*stale, return_exceptions=True)
         workers = [r.task for r in self._replicas.values() if r.task is not None]
         for task in workers:
             task.cancel()
@@ -354,8 +357,10 @@ class NodeAgent:
             self._retire(session)
 
     def _retire(self, session: Session) -> None:
-        # Revoking may wait for the etcd deadline during an outage: never hold registration up for it.
-        self._spawn(session.close())
+        # Not revoked here: a lease we gave up on may still be alive and hold the node's records, and
+        # revoking it before the next registration is written would delete them all (a gap in which
+        # the node looks gone). Its id is in _stale_leases, revoked once registered again.
+        self._spawn(session.close(revoke=False))
 
     def _revoke_stale_leases(self) -> None:
         """Revoke leases lost in an outage. etcd extends leases when it restarts, so a lost lease may
