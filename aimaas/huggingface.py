@@ -61,6 +61,8 @@ _SOURCE_PATTERNS = (
     "special_tokens_map.json", "*.model", "preprocessor_config.json", "modules.json", "sentence_bert_config.json",
     "1_Pooling/config.json", "*.safetensors.index.json", "pytorch_model.bin.index.json",
 )  # fmt: skip
+# Files one of which a text model's tokenizer is loaded from.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 # A hub id: "name" or "org/name".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 # ONNX files are single protobufs: beyond 2 GB weights need external data, which a single-file
@@ -158,8 +160,8 @@ def detect_task(directory: pathlib.Path, requested: str | None = None) -> str:
     ):
         if architecture.endswith(suffix):
             return task
-    if architecture.endswith("Model"):
-        return FEATURE_EXTRACTION
+    if architecture.endswith("Model") and "For" not in architecture and "LMHead" not in architecture:
+        return FEATURE_EXTRACTION  # a base model (BertModel): embeddings
     raise ImportFailed(
         "invalid",
         f"cannot tell the task of architecture {architecture or '(none in config.json)'}; "
@@ -234,6 +236,10 @@ class _Exporter:
 
     def __init__(self, resolved: ResolvedSource, task: str) -> None:
         import torch
+        import transformers
+
+        # The caller shows its own progress (steps); transformers' weight-loading bars would interleave.
+        transformers.utils.logging.disable_progress_bar()
 
         self.directory = resolved.directory
         self.task = task
@@ -295,6 +301,12 @@ class _Exporter:
     def _load_tokenizer(self) -> TextProcessing:
         from transformers import AutoTokenizer
 
+        # Without its files transformers builds an empty tokenizer of special tokens only: refuse instead.
+        if not any((self.directory / name).is_file() for name in _TOKENIZER_FILES):
+            raise ImportFailed(
+                "invalid",
+                f"missing tokenizer: {self.directory} has none of {', '.join(_TOKENIZER_FILES)}; a text model needs its tokenizer",
+            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.directory)
         except (ValueError, OSError, TypeError) as exc:
@@ -309,6 +321,13 @@ class _Exporter:
             )
         if tokenizer.pad_token is None or tokenizer.pad_token_id is None:
             raise ImportFailed("invalid", "the tokenizer has no padding token, which batching needs")
+        vocabulary = self.config.get("vocab_size")
+        if isinstance(vocabulary, int) and len(tokenizer) > vocabulary:
+            raise ImportFailed(
+                "invalid",
+                f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocabulary}: "
+                "they do not belong together",
+            )
         self.tokenizer = tokenizer
         self.tokenizer_json = backend.to_str()
         return TextProcessing(pad_token=tokenizer.pad_token, pad_token_id=int(tokenizer.pad_token_id))

@@ -61,6 +61,10 @@ class InvalidTaskManifest(ValueError):
     """The manifest is not one this version understands; the message says what is wrong."""
 
 
+class MalformedOnnx(ValueError):
+    """The bytes are not a well-formed ONNX ModelProto (read_onnx_metadata)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -198,7 +202,7 @@ def read_onnx_metadata(path: pathlib.Path | str, keys: frozenset[str] | None = N
 
     ModelProto's fields are walked at the top level only: the graph (with its weights) is one
     length-delimited field that is skipped with a seek, so this costs a few reads whatever the
-    model's size. Raises InvalidTaskManifest when the bytes are not a well-formed ModelProto.
+    model's size. Raises MalformedOnnx when the bytes are not a well-formed ModelProto.
     """
     found: dict[str, str] = {}
     with open(path, "rb") as stream:
@@ -216,7 +220,7 @@ def read_onnx_metadata(path: pathlib.Path | str, keys: frozenset[str] | None = N
             elif wire_type == 2:
                 length = _read_varint(stream)
                 if stream.tell() + length > size:
-                    raise InvalidTaskManifest("the ONNX file is truncated")
+                    raise MalformedOnnx("the ONNX file is truncated")
                 if number == _MODEL_METADATA_PROPS:
                     entry_key, value = _metadata_entry(stream.read(length))
                     if keys is None or entry_key in keys:
@@ -224,7 +228,7 @@ def read_onnx_metadata(path: pathlib.Path | str, keys: frozenset[str] | None = N
                 else:
                     stream.seek(length, 1)
             else:
-                raise InvalidTaskManifest(f"the ONNX file has an unsupported protobuf wire type {wire_type}")
+                raise MalformedOnnx(f"the ONNX file has an unsupported protobuf wire type {wire_type}")
     return found
 
 
@@ -236,11 +240,11 @@ def _read_varint(stream) -> int:
     for index in range(10):
         byte = stream.read(1)
         if not byte:
-            raise InvalidTaskManifest("the ONNX file is truncated")
+            raise MalformedOnnx("the ONNX file is truncated")
         value |= (byte[0] & 0x7F) << (7 * index)
         if not byte[0] & 0x80:
             return value
-    raise InvalidTaskManifest("the ONNX file has a malformed varint")
+    raise MalformedOnnx("the ONNX file has a malformed varint")
 
 
 def _metadata_entry(data: bytes) -> tuple[str, str]:
@@ -250,5 +254,5 @@ def _metadata_entry(data: bytes) -> tuple[str, str]:
     try:
         entry = StringStringEntryProto.FromString(data)
     except ValueError as exc:
-        raise InvalidTaskManifest(f"malformed ONNX metadata entry: {exc}") from None
+        raise MalformedOnnx(f"malformed ONNX metadata entry: {exc}") from None
     return entry.key, entry.value

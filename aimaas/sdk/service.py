@@ -8,6 +8,7 @@ is set, `authorization: Bearer <key>` metadata. Every failure surfaces as `Aimaa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import pathlib
 import time
@@ -484,8 +485,8 @@ class AsyncModelService:
         elif alias is not None:
             targets = [spb.TrafficTarget(weight=100, alias=alias)]
         else:
-            if version is None or task_of_version is None:
-                record = await self._resolve(model_id, str(version) if version is not None else "latest")
+            if version is None:
+                record = await self._resolve(model_id, "latest")
                 version, task_of_version = record.version, record.task.task or None
             targets = [spb.TrafficTarget(weight=100, version=version)]
         spec = spb.DeploymentSpec(
@@ -494,6 +495,10 @@ class AsyncModelService:
             instance_type=instance_type or "",
         )  # fmt: skip
         response = await self._call(self._scheduler().ApplyDeployment, spb.ApplyDeploymentRequest(spec=spec))
+        if task_of_version is None and version is not None:
+            # Looked up after the apply, so the scheduler's verdict (permission, unknown model) comes first.
+            with contextlib.suppress(AimaasError):
+                task_of_version = (await self._resolve(model_id, str(version))).task.task or None
         return AsyncDeployment(self, response.deployment, task=task_of_version)
 
     async def get_deployment(self, name: str) -> AsyncDeployment:

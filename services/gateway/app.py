@@ -12,6 +12,7 @@ drain (grace period) → watchers and channels close.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from typing import Any
 
@@ -184,23 +185,27 @@ class GatewayApp:
         from services.gateway.http_app import build_http_app
         from services.gateway.rest.docs import mount_docs
         from services.gateway.rest.management import ManagementBackends, build_management_router
+        from services.gateway.rest.tasks import TaskCatalog
 
+        catalog = TaskCatalog(self.dataplane)
         backends = self._backends = ManagementBackends(
             registry=self.registry,
             scheduler=self.scheduler,
             monitor=self.monitor,
             api_keys=self.api_keys,
             public_http_url=self.http_url,
+            embedding_models=catalog.embedding_models,
         )
         return build_http_app(
             self.dataplane,
             self.authenticator,
             self.settings,
             build_management_router(backends, self.authenticator),
-            mount_docs,
+            functools.partial(mount_docs, task_card=catalog.card),
             telemetry=self.telemetry,
             logger=self.log,
             version=server_version(),
+            catalog=catalog,
         )
 
     # -- lifecycle -------------------------------------------------------------------------------

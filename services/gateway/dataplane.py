@@ -173,20 +173,22 @@ class GatewayDataPlane:
                 _merge(merged, route.name, stats)
         return pb.ModelStatisticsResponse(model_stats=[merged[k] for k in sorted(merged)])
 
-    def resolve_version(self, model: str, version: str = "") -> tuple[str, int]:
-        """(registry model, version) a call of deployment `model` names: `version`, or by default the
-        version answering unversioned metadata calls (the heaviest READY one; without a READY replica
-        the heaviest weighted one, which a metadata call then waits for when scaled to zero)."""
+    def resolve_version(self, model: str, version: str = "") -> tuple[str, int, bool]:
+        """(registry model, version, has a READY replica) a call of deployment `model` names:
+        `version`, or by default the version answering unversioned metadata calls (the heaviest
+        READY one; without a READY replica the heaviest weighted one, which a metadata call then
+        waits for when scaled to zero)."""
         route = self._table().lookup(model)
         pinned = parse_version(model, version)
         if pinned is not None:
-            if route.version(pinned) is None:
+            found = route.version(pinned)
+            if found is None:
                 raise NotFound(f"model '{route.name}' has no deployed version {pinned}")
-            return route.model, pinned
+            return route.model, pinned, bool(found.replicas)
         target = route.primary() or max(route.versions, key=lambda v: (v.weight, v.version), default=None)
         if target is None:
             raise Unavailable(f"model '{route.name}' has no deployed version yet; retry shortly")
-        return route.model, target.version
+        return route.model, target.version, bool(target.replicas)
 
     def deployments(self) -> list[str]:
         """Names of the deployments with a READY replica now."""

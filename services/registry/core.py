@@ -205,14 +205,10 @@ class ModelRegistry:
             )
         if metadata.format not in (types_pb2.MODEL_FORMAT_UNSPECIFIED, types_pb2.MODEL_FORMAT_ONNX, types_pb2.MODEL_FORMAT_TENSORRT_PLAN):
             raise InvalidArgument(f"unknown model format {metadata.format}")
-        # Fail fast, before any byte is stored, when the model is missing.
-        if await self._etcd.get(self._keys.model(metadata.model)) is None:
-            if not metadata.create_model:
-                raise NotFound(f"model {metadata.model!r} not found (set create_model to create it)")
-            try:
-                await self.create_model(metadata.model)
-            except AlreadyExists:
-                pass  # created concurrently: fine
+        # Fail fast, before any byte is stored, when the model is missing. A model created for this
+        # upload is written with its first version (_record_version): a refused upload leaves nothing.
+        if await self._etcd.get(self._keys.model(metadata.model)) is None and not metadata.create_model:
+            raise NotFound(f"model {metadata.model!r} not found (set create_model to create it)")
 
         inspector = ArtifactInspector(metadata.format)
 
@@ -259,31 +255,44 @@ class ModelRegistry:
             format_details=inspection.details,
             task=inspection.task,
         )
-        version = await self._record_version(version, list(metadata.aliases))
+        version = await self._record_version(version, list(metadata.aliases), create_model=metadata.create_model)
         self._log.info(
             "version uploaded", model=version.model, version=version.version, sha256=version.sha256,
             size_bytes=version.size_bytes, deduplicated=not moved,
         )
         return version, not moved
 
-    async def _record_version(self, version: pb.ModelVersion, aliases: list[str]) -> pb.ModelVersion:
-        """Allocate the next version number and write the record (and aliases) atomically."""
+    async def _record_version(
+        self, version: pb.ModelVersion, aliases: list[str], *, create_model: bool = False
+    ) -> pb.ModelVersion:
+        """Allocate the next version number and write the record (and aliases) atomically; with
+        `create_model`, a missing model is created in the same transaction."""
+        key = self._keys.model(version.model)
         for _ in range(_MAX_ALLOCATION_ATTEMPTS):
-            model, record = await self._read_model(version.model)
-            model.latest_version += 1
             now = _now()
+            try:
+                model, record = await self._read_model(version.model)
+                guard = Compare.mod_revision(key, "==", record.mod_revision)
+            except NotFound:
+                if not create_model:
+                    raise
+                model = pb.Model(name=version.model, created=now)
+                guard = Compare.create_revision(key, "==", 0)  # still missing when written
+            model.latest_version += 1
             model.updated.CopyFrom(now)
             version.version = model.latest_version
             version.created.CopyFrom(now)
             ops = [
-                Op.put(record.key, to_json(model)),
+                Op.put(key, to_json(model)),
                 Op.put(self._keys.version(version.model, version.version), to_json(version)),
             ]
             for alias in aliases:
                 entry = pb.Alias(model=version.model, name=alias, version=version.version, updated=now)
                 ops.append(Op.put(self._keys.alias(version.model, alias), to_json(entry)))
-            result = await self._etcd.transaction([Compare.mod_revision(record.key, "==", record.mod_revision)], ops)
+            result = await self._etcd.transaction([guard], ops)
             if result.succeeded:
+                if guard.target == "create_revision":
+                    self._log.info("model created", model=version.model)
                 return version
         raise Conflict(f"too many concurrent uploads to model {version.model!r}; retry")
 

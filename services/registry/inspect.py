@@ -99,8 +99,9 @@ class OnnxStreamInspector:
     def feed(self, chunk: bytes) -> None:
         if self.error is not None:
             return
-        if self._skip >= len(chunk) and not self._buffer:
-            # Fast path: the middle of a large initializer needs no copy.
+        if self._skip > len(chunk) and not self._buffer:
+            # Fast path: the middle of a large initializer needs no copy. (Strictly inside: a skip that
+            # ends with this chunk goes through _drain, which closes the frames ending there.)
             self._skip -= len(chunk)
             self._offset += len(chunk)
             return

@@ -76,3 +76,32 @@ def test_deploy_unknown_version_is_not_found(mesh: Mesh, pushed_mlp: str) -> Non
     assert result.returncode == 1
     assert result.stderr.startswith("error: NOT_FOUND: "), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_import_a_hugging_face_directory_deploy_and_predict_text(mesh: Mesh, task_models) -> None:
+    source = task_models.sources["sentiment"]
+    imported = ok(mesh.cli("models", "import", "hf", source, "--name", "cli-sentiment"))
+    assert "pushed cli-sentiment version 1" in imported.stdout
+    assert "text-classification (2 labels: negative, positive; max 64 tokens" in imported.stdout
+    assert "text BYTES [-1]" in imported.stdout
+    assert "import: done" in imported.stderr  # the export steps and the upload show progress
+
+    again = ok(mesh.cli("models", "import", "hf", source, "--name", "cli-sentiment", "--json"))
+    assert json.loads(again.stdout)["deduplicated"] is True
+
+    ok(mesh.cli("deploy", "cli-sentiment", "--min", "1", "--timeout", "60"))
+    result = json.loads(ok(mesh.cli("predict", "cli-sentiment", "--text", "i love this movie", "--text", "awful",
+                                    "--json")).stdout)  # fmt: skip
+    outputs = {o["name"]: o for o in result["outputs"]}
+    assert outputs["label"]["shape"] == [2] and set(outputs["label"]["data"]) <= {"negative", "positive"}
+    assert outputs["scores"]["shape"] == [2, 2]
+
+
+def test_import_errors_are_clean(mesh: Mesh, tmp_path) -> None:
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    result = mesh.cli("models", "import", "hf", tmp_path)
+    assert result.returncode == 1
+    assert "cannot tell the task of architecture GPT2LMHeadModel" in result.stderr
+    assert "Traceback" not in result.stderr
+    missing = mesh.cli("models", "import", "hf", "acme/not-in-the-cache")
+    assert missing.returncode == 1 and "not in the local Hugging Face cache" in missing.stderr

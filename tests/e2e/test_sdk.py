@@ -73,7 +73,7 @@ async def test_push_deploy_predict_through_the_gateway(gateway: str, model_path:
         await deployed(service, model_path, "mlp")
         [deployment] = [d for d in await service.list_deployments() if d.name == "mlp"]
         assert deployment.endpoint == "http://gw.example:8000/v2/models/mlp"
-        assert deployment.docs_url == "http://gw.example:8000/docs"
+        assert deployment.docs_url == "http://gw.example:8000/docs/deployments/mlp"
         assert deployment.grpc_endpoint == gateway
         assert {n.node.id for n in await service.list_nodes()} == {"node-a", "node-b"}
 

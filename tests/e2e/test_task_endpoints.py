@@ -317,8 +317,10 @@ async def test_a_broken_task_model_is_refused_and_nothing_is_registered(gateway,
             await registry.UploadVersion(_requests(name, broken(task_models)), metadata=metadata, timeout=60)
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert fragment in caught.value.details()
-        model = (await registry.GetModel(rpb.GetModelRequest(name=name), metadata=metadata, timeout=10)).model
-        assert model.latest_version == 0  # created for the upload, but no version recorded
+        # Nothing half-registered: the model the upload would have created does not exist either.
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await registry.GetModel(rpb.GetModelRequest(name=name), metadata=metadata, timeout=10)
+        assert missing.value.code() is grpc.StatusCode.NOT_FOUND
 
 
 def _requests(name: str, data: bytes):

@@ -47,6 +47,9 @@ SEMANTIC_400 = {
     "GET /v1/deployments",
     "POST /v2/models/{model}/infer",
     "POST /v2/models/{model}/versions/{version}/infer",
+    # The deployment must be a task model of the right task, its texts non-blank, its images decodable.
+    "POST /v1/models/{name}/predict",
+    "POST /v1/embeddings",
 }
 # Known deviations outside the management API, reported to their owners; each entry names the
 # check it suppresses for that operation and why. Remove an entry once fixed.

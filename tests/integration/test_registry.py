@@ -190,6 +190,15 @@ async def test_bad_uploads_are_rejected_precisely(stub, data, metadata, fragment
     await _assert_nothing_recorded(stub, "m")
 
 
+async def test_a_refused_upload_that_would_create_its_model_leaves_no_model(stub):
+    await expect_error(upload(stub, "fresh", b"garbage" * 10, create_model=True), grpc.StatusCode.INVALID_ARGUMENT, "not a valid")
+    await expect_error(stub.GetModel(pb.GetModelRequest(name="fresh")), grpc.StatusCode.NOT_FOUND, "fresh")
+    # The first good upload creates the model with its first version, in one transaction.
+    response = await upload(stub, "fresh", MODEL, create_model=True)
+    assert response.version.version == 1
+    assert (await stub.GetModel(pb.GetModelRequest(name="fresh"))).model.latest_version == 1
+
+
 async def test_upload_protocol_errors(stub):
     await expect_error(stub.UploadVersion(iter([]), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "empty upload")
     await expect_error(

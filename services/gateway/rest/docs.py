@@ -33,7 +33,7 @@ _DEPLOYMENT_PREFIXES = ("/v2/models/{", "/v1/deployments/{")
 _NAME_RE = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 PREDICT_PATH = "/v1/models/{name}/predict"
 EMBEDDINGS_PATH = "/v1/embeddings"
-CardLookup = Callable[[str], Awaitable[tuple[str, TaskCard | None]]]
+CardLookup = Callable[..., Awaitable[tuple[str, TaskCard | None]]]
 
 
 def deployment_docs_path(name: str) -> str:
@@ -153,7 +153,7 @@ def mount_docs(app: FastAPI, task_card: CardLookup | None = None) -> None:
         card = None
         if task_card is not None:
             try:
-                _, card = await task_card(name)
+                _, card = await task_card(name, wait=False)  # a docs page never scales a deployment up
             except Exception:  # noqa: BLE001 - unknown or not serving yet: the generic page
                 card = None
         return JSONResponse(deployment_openapi(app.openapi(), name, card))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -64,6 +64,9 @@ class ManagementBackends:
     public_http_url: str
     # Deadline of each unary backend call (uploads, downloads and event streams have none).
     call_timeout_seconds: float = 30.0
+    # OpenAI model objects of the feature-extraction deployments a principal may use: the `data` of
+    # GET /v1/models, so OpenAI clients list what /v1/embeddings serves (services.gateway.rest.tasks).
+    embedding_models: Callable[[Principal], Awaitable[list[dict[str, Any]]]] | None = None
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -242,7 +245,9 @@ def build_management_router(backends: ManagementBackends, auth: Authenticator) -
             timeout=timeout,
         )
         models = [s.Model.of(m) for m in reply.models if principal.in_scope(m.name)]
-        return s.ModelList(models=models, next_page_token=reply.page.next_page_token)
+        embedding = await backends.embedding_models(principal) if backends.embedding_models is not None else []
+        return s.ModelList(models=models, next_page_token=reply.page.next_page_token,
+                           data=[s.OpenAIModel(**m) for m in embedding])
 
     @router.get(
         "/models/{name}", response_model=s.ModelDetail, tags=["models"], summary="Get a model with its aliases",

@@ -177,9 +177,22 @@ class ModelUpdate(Strict):
     labels: Labels | None = None
 
 
+class OpenAIModel(BaseModel):
+    id: str = Field(description="Deployment name: the `model` of POST /v1/embeddings.")
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "aimaas"
+
+
 class ModelList(BaseModel):
     models: list[Model]
     next_page_token: str = Field(description="Pass as page_token for the next page; empty on the last page.")
+    # OpenAI's list shape, so OpenAI clients (base_url=<gateway>/v1) list the embedding models.
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel] = Field(
+        default_factory=list,
+        description="OpenAI-compatible: the feature-extraction deployments POST /v1/embeddings serves.",
+    )
 
 
 class TensorSpec(BaseModel):

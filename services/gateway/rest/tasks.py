@@ -86,14 +86,18 @@ class TaskCatalog:
         self._dataplane = dataplane
         self._cards: collections.OrderedDict[tuple[str, str], TaskCard | None] = collections.OrderedDict()
 
-    async def card(self, deployment: str, version: str = "") -> tuple[str, TaskCard | None]:
+    async def card(self, deployment: str, version: str = "", *, wait: bool = True) -> tuple[str, TaskCard | None]:
         """(version, card) of `version` of a deployment, by default the one answering unversioned
-        calls; card None for a tensor model. NotFound / Unavailable as for inference."""
-        model, number = self._dataplane.resolve_version(deployment, version)
+        calls; card None for a tensor model. NotFound / Unavailable as for inference; a version
+        scaled to zero is brought back first, unless `wait` is False (then None until it is known).
+        """
+        model, number, ready = self._dataplane.resolve_version(deployment, version)
         key = (model, str(number))
         if key in self._cards:
             self._cards.move_to_end(key)
             return key[1], self._cards[key]
+        if not wait and not ready:
+            return key[1], None
         response = await self._dataplane.model_config(deployment, str(number))
         card = TaskCard.of(response.config)
         self._cards[key] = card
@@ -108,7 +112,7 @@ class TaskCatalog:
             if not principal.in_scope(name):
                 continue
             try:
-                _, card = await self.card(name)
+                _, card = await self.card(name, wait=False)
             except Exception:  # noqa: BLE001 - a deployment without a replica now is not listed
                 continue
             if card is not None and card.task == tasks.FEATURE_EXTRACTION:
@@ -326,8 +330,8 @@ def predict_schemas(card: TaskCard | None = None) -> dict[str, Any]:
     text_body = {
         "type": "object",
         "properties": {
-            "text": {"type": "string", "description": "One text; the answer is one object."},
-            "inputs": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_INPUTS,
+            "text": {"type": "string", "minLength": 1, "description": "One text; the answer is one object."},
+            "inputs": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_INPUTS,
                        "description": "Many texts; the answer lists one prediction per text."},
             "parameters": {"type": "object", "properties": {
                 "top_k": {"type": "integer", "minimum": 1, "description": "Also list the k best labels (classification)."},
@@ -338,8 +342,9 @@ def predict_schemas(card: TaskCard | None = None) -> dict[str, Any]:
     image_body = {
         "type": "object",
         "properties": {
-            "image": {"type": "string", "format": "byte", "description": "One image, base64 (or a data: URL)."},
-            "inputs": {"type": "array", "items": {"type": "string", "format": "byte"}, "maxItems": MAX_INPUTS},
+            "image": {"type": "string", "format": "byte", "minLength": 1, "description": "One image, base64 (or a data: URL)."},
+            "inputs": {"type": "array", "items": {"type": "string", "format": "byte", "minLength": 1}, "minItems": 1,
+                       "maxItems": MAX_INPUTS},
             "parameters": {"type": "object", "properties": {"top_k": {"type": "integer", "minimum": 1}}},
         },
     }
@@ -387,8 +392,10 @@ _EMBEDDINGS_BODY = {
     "requestBody": {"required": True, "content": {JSON: {"schema": {
         "type": "object", "required": ["model", "input"],
         "properties": {
-            "model": {"type": "string", "description": "A feature-extraction deployment."},
-            "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": MAX_INPUTS}]},
+            "model": {"type": "string", "minLength": 1, "description": "A feature-extraction deployment."},
+            "input": {"oneOf": [{"type": "string", "minLength": 1},
+                                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                                 "maxItems": MAX_INPUTS}]},
             "encoding_format": {"type": "string", "enum": ["float", "base64"]},
             "dimensions": {"type": "integer", "description": "Must equal the model's embedding length."},
             "user": {"type": "string"},

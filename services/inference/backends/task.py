@@ -36,6 +36,7 @@ from aimaas.tasks import (
     TOKEN_CLASSIFICATION,
     TOKENIZER_KEY,
     InvalidTaskManifest,
+    MalformedOnnx,
     TaskManifest,
     read_onnx_metadata,
 )
@@ -53,8 +54,12 @@ _MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 
 
 def read_task(artifact: pathlib.Path) -> tuple[TaskManifest, str | None] | None:
-    """(manifest, tokenizer JSON) of a task model's ONNX file; None for a plain tensor model."""
-    metadata = read_onnx_metadata(artifact, frozenset({MANIFEST_KEY, TOKENIZER_KEY}))
+    """(manifest, tokenizer JSON) of a task model's ONNX file; None for a plain tensor model, and for
+    bytes that are no well-formed ONNX file (the backend's load then says what is wrong with them)."""
+    try:
+        metadata = read_onnx_metadata(artifact, frozenset({MANIFEST_KEY, TOKENIZER_KEY}))
+    except MalformedOnnx:
+        return None
     raw = metadata.get(MANIFEST_KEY)
     if raw is None:
         return None
