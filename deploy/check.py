@@ -130,6 +130,8 @@ def format_default(setting: Setting) -> str:
         return f"`{value.value}`"
     if isinstance(value, list):
         return f"`{json.dumps(value)}`"
+    if isinstance(value, dict):  # e.g. named instance types: their names (the JSON is long)
+        return f"{', '.join(f'`{key}`' for key in value)} (JSON object)"
     if isinstance(value, int) and value >= 1024**2 and value % 1024**2 == 0:
         unit = "GiB" if value % 1024**3 == 0 else "MiB"
         return f"`{value}` ({value // (1024**3 if unit == 'GiB' else 1024**2)} {unit})"

@@ -74,6 +74,7 @@ def parse_traffic(values: tuple[str, ...]) -> list[Traffic] | None:
 @click.option("--min", "min_replicas", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--max", "max_replicas", type=click.IntRange(min=0), help="[default: --min]")
 @click.option("--accelerator", type=click.Choice(["cpu", "gpu"]), help="Run only on nodes with this accelerator.")
+@click.option("--instance-type", help="Named replica size (cpu.small, gpu.medium, ...): accelerator and reserved memory.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until --min replicas are READY.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True, help="Seconds to wait.")
 @click.option("--registry", metavar="HOST:PORT", help="Call this registry directly (to resolve the latest version).")
@@ -88,6 +89,7 @@ def deploy(
     min_replicas: int,
     max_replicas: int | None,
     accelerator: str | None,
+    instance_type: str | None,
     wait: bool,
     timeout: float,
     as_json: bool,
@@ -108,7 +110,7 @@ def deploy(
             version = client.resolve_version(model, "latest")
     deployment = client.deploy(
         model, version, alias=alias, name=name, min_instances=min_replicas, max_instances=max_replicas,
-        accelerator=accelerator, traffic=parse_traffic(traffic),
+        accelerator=accelerator, instance_type=instance_type, traffic=parse_traffic(traffic),
     )  # fmt: skip
     which = f"version {version}" if version is not None else f"alias {alias!r}" if alias else f"traffic {', '.join(traffic)}"
     err.print(

@@ -140,7 +140,7 @@ class AsyncDeployment:
 
     @property
     def status(self) -> str:
-        """READY, PENDING or FAILED (see `aimaas.sdk.deployments.status_word`), as of the last read."""
+        """READY, DEGRADED, PENDING or FAILED (see `aimaas.sdk.deployments.status_word`), as of the last read."""
         return views.status_word(self.raw)
 
     @property

@@ -116,7 +116,7 @@ class SchedulerApp:
         )
         self.service = DeploymentService(
             self.etcd, self.leadership, max_replicas_limit=config.max_replicas_limit,
-            canary_enabled=canary_metrics is not None, logger=self.log,
+            canary_enabled=canary_metrics is not None, instance_types=config.instance_types, logger=self.log,
         )  # fmt: skip
         self.grpc = GrpcService(
             config,

@@ -24,7 +24,7 @@ import asyncio
 import base64
 import contextlib
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -43,6 +43,7 @@ from services.common.etcd import Compare, EtcdClient, Op, from_json, to_json
 from services.common.names import validate_labels, validate_name
 from services.scheduler.canary import has_canary
 from services.scheduler.planner import COND_READY
+from services.scheduler.settings import DEFAULT_INSTANCE_TYPES, InstanceType
 from services.scheduler.tasks import cancel_and_wait
 
 _DEFAULT_PAGE_SIZE = 100
@@ -102,9 +103,12 @@ class DeploymentService:
         *,
         max_replicas_limit: int = 1000,
         canary_enabled: bool = True,
+        instance_types: Mapping[str, InstanceType] | None = None,
         logger: Any = None,
     ) -> None:
-        """`canary_enabled`: whether the leader can measure a canary (a metrics source is configured)."""
+        """`canary_enabled`: whether the leader can measure a canary (a metrics source is configured).
+        `instance_types`: the named replica sizes specs may ask for (default: the settings' defaults)."""
+        self._instance_types = dict(DEFAULT_INSTANCE_TYPES if instance_types is None else instance_types)
         self._etcd = etcd
         self._canary_enabled = canary_enabled
         self._keys = etcd.keys
@@ -253,7 +257,24 @@ class DeploymentService:
 
     # -- API ----------------------------------------------------------------------------------------
 
+    def _apply_instance_type(self, spec: spb.DeploymentSpec) -> None:
+        """Set the accelerator and per-replica memory of the spec's instance type (in place)."""
+        if not spec.instance_type:
+            return
+        found = self._instance_types.get(spec.instance_type)
+        if found is None:
+            known = "; ".join(f"{name} ({kind.describe()})" for name, kind in sorted(self._instance_types.items()))
+            raise InvalidArgument(f"unknown instance type {spec.instance_type!r} (known: {known or 'none configured'})")
+        accelerator = tpb.ACCELERATOR_GPU if found.accelerator == "gpu" else tpb.ACCELERATOR_CPU
+        if spec.accelerator not in (tpb.ACCELERATOR_UNSPECIFIED, accelerator):
+            raise InvalidArgument(
+                f"instance type {spec.instance_type!r} runs on a {found.accelerator.upper()}, but the spec asks for "
+                f"accelerator {tpb.Accelerator.Name(spec.accelerator).removeprefix('ACCELERATOR_')}"
+            )
+        spec.accelerator, spec.memory_bytes = accelerator, found.memory_bytes
+
     async def apply(self, spec: spb.DeploymentSpec) -> tuple[spb.Deployment, bool]:
+        self._apply_instance_type(spec)
         self._validate_shape(spec)
         if has_canary(spec) and not self._canary_enabled:
             raise FailedPrecondition(

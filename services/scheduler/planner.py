@@ -316,8 +316,17 @@ class _Planner:
         else:
             memory, gpu_memory = 0, 0
         if tensorrt and not gpu_memory:
-            return 0, memory
-        return memory, gpu_memory
+            memory, gpu_memory = 0, memory
+        # An instance type's reservation holds however little the replica measured.
+        reserved = self._reservation(stored.value.deployment) if stored is not None else 0
+        if tensorrt:
+            return memory, max(gpu_memory, reserved)
+        return max(memory, reserved), gpu_memory
+
+    def _reservation(self, deployment: str) -> int:
+        """Memory each replica of `deployment` reserves (its instance type); 0: none."""
+        stored = self.s.deployments.get(deployment)
+        return stored.value.memory_bytes if stored is not None else 0
 
     def ready_count(self, model: str, version: int) -> int:
         count = 0
@@ -766,7 +775,7 @@ class _Planner:
             request = ReplicaRequest(
                 key=(model, version),
                 count=missing,
-                memory_bytes=self.memory_estimate(model, version),
+                memory_bytes=max(self.memory_estimate(model, version), spec.memory_bytes),
                 backend=backend,
                 pool=pool,
                 sha256=record.sha256,

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.common.settings import CommonSettings, ServerSettings, check_address_list
+
+
+class InstanceType(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    accelerator: Literal["cpu", "gpu"]
+    # Reserved per replica in the pool the replica uses (host memory; GPU memory for TensorRT).
+    memory_bytes: Annotated[int, Field(ge=1)]
+
+    def describe(self) -> str:
+        return f"{self.accelerator.upper()}, {self.memory_bytes / 1024**3:g} GiB per replica"
+
+
+_GIB = 1024**3
+DEFAULT_INSTANCE_TYPES = {
+    "cpu.small": InstanceType(accelerator="cpu", memory_bytes=1 * _GIB),
+    "cpu.medium": InstanceType(accelerator="cpu", memory_bytes=4 * _GIB),
+    "cpu.large": InstanceType(accelerator="cpu", memory_bytes=16 * _GIB),
+    "gpu.small": InstanceType(accelerator="gpu", memory_bytes=8 * _GIB),
+    "gpu.medium": InstanceType(accelerator="gpu", memory_bytes=24 * _GIB),
+    "gpu.large": InstanceType(accelerator="gpu", memory_bytes=80 * _GIB),
+}
 
 
 class SchedulerServerSettings(ServerSettings):
@@ -62,6 +84,10 @@ class SchedulerServerSettings(ServerSettings):
     evict_idle_after_seconds: Annotated[float, Field(ge=0)] = 300.0
     # Largest max_replicas a deployment may ask for.
     max_replicas_limit: Annotated[int, Field(ge=1)] = 1000
+    # Named replica sizes a deployment may ask for (DeploymentSpec.instance_type): the accelerator
+    # and the memory each replica reserves on its node. JSON to replace, e.g.
+    # {"cpu.small": {"accelerator": "cpu", "memory_bytes": 1073741824}}.
+    instance_types: dict[str, InstanceType] = Field(default_factory=lambda: dict(DEFAULT_INSTANCE_TYPES))
 
     # -- canary (metrics from the monitor at monitor_address: QueryMetrics) ------------------------
     # How often the leader measures a running canary's candidate.

@@ -55,7 +55,8 @@ def deployed(mesh: Mesh, task_models) -> dict[str, object]:
                 deployments = {}
                 for name in NAMES:
                     deployment = await service.deploy(
-                        str(task_models.sources[name]), provider="huggingface", min_instances=1, max_instances=2
+                        str(task_models.sources[name]), provider="huggingface", min_instances=1, max_instances=2,
+                        instance_type="cpu.small" if name == "sentiment" else None,
                     )
                     deployments[name] = deployment
                 for deployment in deployments.values():
@@ -97,6 +98,9 @@ async def test_the_sdk_deploys_a_hugging_face_model_and_rest_answers_like_transf
     deployment = deployed["sentiment"]
     assert deployment.name == "sentiment" and deployment.task == "text-classification"
     assert deployment.status == "READY"
+    # instance_type="cpu.small": a CPU replica reserving 1 GiB on its node.
+    assert deployment.raw.spec.instance_type == "cpu.small" and deployment.raw.spec.memory_bytes == 1024**3
+    assert deployment.raw.spec.accelerator == 1  # ACCELERATOR_CPU
     assert deployment.endpoint.endswith("/v1/models/sentiment/predict")
     assert deployment.docs_url.endswith("/docs/deployments/sentiment")
     text = "i love this movie it is wonderful"
@@ -276,6 +280,14 @@ async def test_importing_the_same_source_again_reuses_its_version(gateway, task_
         with pytest.raises(AimaasError) as caught:
             await service.push(task_models.sources["sentiment"], provider="huggingface", task="summarization")
         assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT and "unknown task 'summarization'" in caught.value.message()
+
+
+async def test_an_unknown_instance_type_is_refused_with_the_known_ones(gateway):
+    async with AsyncModelService(gateway.grpc_address, ADMIN_TOKEN) as service:
+        with pytest.raises(AimaasError) as caught:
+            await service.deploy("sentiment", 1, instance_type="gpu.huge")
+    assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown instance type 'gpu.huge'" in caught.value.message() and "cpu.small (CPU, 1 GiB" in caught.value.message()
 
 
 def _without(path, key: str) -> bytes:

@@ -116,12 +116,50 @@ async def wait_condition(stub, name: str, kind: str, status: bool, reason: str |
             grpc.StatusCode.INVALID_ARGUMENT,
             "canary.step_seconds",
         ),
+        (
+            spec(instance_type="m5.xlarge"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unknown instance type 'm5.xlarge' (known: cpu.large (CPU, 16 GiB per replica); cpu.medium",
+        ),
+        (
+            spec(instance_type="gpu.small", accelerator=tpb.ACCELERATOR_CPU),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "instance type 'gpu.small' runs on a GPU, but the spec asks for accelerator CPU",
+        ),
     ],
 )
 async def test_bad_specs_are_rejected_with_precise_errors(mesh, bad, code, fragment):
     _, _, stub, etcd = mesh
     await expect_error(stub.ApplyDeployment(spb.ApplyDeploymentRequest(spec=bad)), code, fragment)
     assert await etcd.get_prefix(etcd.keys.deployments_prefix()) == []
+
+
+async def test_an_instance_type_sets_the_accelerator_and_reserves_memory_on_the_node(mesh):
+    _, _, stub, etcd = mesh
+    await add_node(etcd, "small", memory=2 * GiB)
+    await add_node(etcd, "big", memory=8 * GiB)
+    applied = (await stub.ApplyDeployment(spb.ApplyDeploymentRequest(
+        spec=spec(min_replicas=1, max_replicas=1, instance_type="cpu.medium")))).deployment  # fmt: skip
+    assert applied.spec.accelerator == tpb.ACCELERATOR_CPU and applied.spec.memory_bytes == 4 * GiB
+    # The tiny model would fit either node; its 4 GiB reservation only fits the big one.
+    found = await eventually(
+        lambda: _assigned_nodes(etcd, "fraud"), 10, "an assignment of the instance-typed deployment"
+    )
+    assert found == ["big"]
+    # Two replicas cannot both fit: the second is unschedulable for lack of memory, not placed on "small".
+    await stub.ApplyDeployment(spb.ApplyDeploymentRequest(spec=spec(min_replicas=2, max_replicas=2, instance_type="cpu.medium")))
+    unschedulable = await wait_condition(stub, "web", "Unschedulable", True)
+    assert "memory" in unschedulable.message.lower() or unschedulable.reason == "InsufficientMemory"
+    assert await _assigned_nodes(etcd, "fraud") == ["big"]
+
+
+async def _assigned_nodes(etcd: EtcdClient, model: str) -> list[str] | None:
+    nodes = sorted(
+        etcd.keys.parse_assignment_key(kv.key)[0]
+        for kv in await etcd.get_prefix(etcd.keys.assignments_prefix())
+        if etcd.keys.parse_assignment_key(kv.key) and etcd.keys.parse_assignment_key(kv.key)[1] == model
+    )
+    return nodes or None
 
 
 async def test_apply_is_idempotent_and_counts_generations(mesh):

@@ -320,6 +320,11 @@ class DeploymentApply(Strict):
     min_replicas: U32 = 1
     max_replicas: U32 = 1
     accelerator: Accelerator = Field(default=Accelerator("unspecified"), strict=False)  # type: ignore[valid-type]
+    instance_type: str = Field(
+        default="", max_length=63, examples=["cpu.small"],
+        description="Named replica size (cpu.small, cpu.medium, cpu.large, gpu.small, ... as the scheduler "
+        "configures them): sets the accelerator and the memory each replica reserves.",
+    )  # fmt: skip
     precision: Precision = Field(default=Precision("unspecified"), strict=False)  # type: ignore[valid-type]
     batching: Batching = Field(default_factory=Batching)
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
@@ -333,6 +338,7 @@ class DeploymentApply(Strict):
             min_replicas=self.min_replicas,
             max_replicas=self.max_replicas,
             accelerator=enum_to_proto(self.accelerator),
+            instance_type=self.instance_type,
             precision=enum_to_proto(self.precision),
             batching=tpb.BatchingConfig(**self.batching.model_dump()),
             autoscaling=spb.AutoscalingPolicy(**self.autoscaling.model_dump()),
@@ -434,6 +440,8 @@ class Deployment(BaseModel):
     min_replicas: int
     max_replicas: int
     accelerator: Accelerator  # type: ignore[valid-type]
+    instance_type: str
+    memory_bytes: int = Field(description="Memory each replica reserves on its node (from instance_type); 0: none.")
     precision: Precision  # type: ignore[valid-type]
     batching: Batching
     autoscaling: Autoscaling
@@ -456,6 +464,8 @@ class Deployment(BaseModel):
             min_replicas=s.min_replicas,
             max_replicas=s.max_replicas,
             accelerator=enum_from_proto(Accelerator, s.accelerator),
+            instance_type=s.instance_type,
+            memory_bytes=s.memory_bytes,
             precision=enum_from_proto(Precision, s.precision),
             batching=Batching(
                 enabled=b.enabled,

@@ -170,14 +170,19 @@ def _text_bytes(value: Any, where: str) -> bytes:
     return value.encode("utf-8")
 
 
-def parse_json_request(body: bytes, card: TaskCard, deployment: str) -> TaskRequest:
-    """A predict body in JSON; precise InvalidArgument for anything else."""
+def json_object(body: bytes) -> dict[str, Any]:
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidArgument("the request body is not valid JSON") from None
     if not isinstance(document, dict):
         raise InvalidArgument("the request body must be a JSON object")
+    return document
+
+
+def parse_json_request(body: bytes, card: TaskCard, deployment: str) -> TaskRequest:
+    """A predict body in JSON; precise InvalidArgument for anything else."""
+    document = json_object(body)
     unknown = set(document) - _PREDICT_KEYS
     if unknown:
         raise InvalidArgument(f"unknown field {sorted(unknown)[0]!r} (known: {', '.join(sorted(_PREDICT_KEYS))})")
@@ -458,12 +463,7 @@ def build_task_router(dataplane: Any, auth: Any, catalog: TaskCatalog, *, sticky
 
     @router.post("/embeddings", tags=["tasks"], summary="Embeddings (OpenAI-compatible)", openapi_extra=_EMBEDDINGS_BODY)
     async def embeddings(request: Request) -> Response:
-        try:
-            document = json.loads(await read_body(request))
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise InvalidArgument("the request body is not valid JSON") from None
-        if not isinstance(document, dict):
-            raise InvalidArgument("the request body must be a JSON object")
+        document = json_object(await read_body(request))
         name = document.get("model")
         if not isinstance(name, str) or not name:
             raise InvalidArgument("'model' must name a feature-extraction deployment")
