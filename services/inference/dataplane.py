@@ -581,7 +581,7 @@ class DataPlane:
         try:
             inputs, rows, key, outputs = instance.signature.prepare(request)
             if instance.prepare is not None:
-                if instance.prepare_off_loop:
+                if instance.prepare_off_loop(inputs, request.parameters):
                     inputs = await asyncio.get_running_loop().run_in_executor(
                         self._preprocessing(), instance.prepare, inputs, request.parameters
                     )

@@ -131,6 +131,9 @@ async def test_long_text_is_truncated_and_says_so_or_refused_when_asked(client):
     with pytest.raises(InferenceServerException, match=r"text 0 has \d+ tokens, more than the model's maximum of 64") as caught:
         await client.infer("sentiment", [refused], parameters={"truncation": False})
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    # Much text to count goes to the preprocessing threads; same verdict.
+    with pytest.raises(InferenceServerException, match=r"text 0 has \d+ tokens"):
+        await client.infer("sentiment", [texts_input([LONG_TEXT * 20])], parameters={"truncation": False})
     # Allowed explicitly, or within the limit, it answers.
     await client.infer("sentiment", [texts_input(["short"])], parameters={"truncation": False})
 

@@ -119,9 +119,11 @@ class Backend(abc.ABC):
     # `prepare_request(inputs in signature order, request parameters) -> inputs for infer()`, raising
     # InvalidArgument for that request alone. None: requests go to the batcher as decoded.
     prepare_request: Callable[[list[np.ndarray], Mapping[str, Any]], list[np.ndarray]] | None = None
-    # True: prepare_request is heavy (image decoding) and runs on the data plane's preprocessing
-    # threads instead of the event loop.
-    prepare_off_loop: bool = False
+
+    def prepare_off_loop(self, inputs: list[np.ndarray], parameters: Mapping[str, Any]) -> bool:
+        """True: this request's prepare_request is heavy (images to decode, a long text to count) and
+        runs on the data plane's preprocessing threads instead of the event loop."""
+        return False
 
     def sample_inputs(self) -> dict[str, np.ndarray]:
         """What the warm-up inference after a load runs (in infer()'s form): zeros, empty texts,

@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 _IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Larger images are refused before decoding (Pillow's decompression-bomb guard, made an error).
 _MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+# Counting the tokens of more text than this (truncation refused) runs off the event loop.
+_TEXT_ON_LOOP_CHARS = 16 * 1024
 
 
 def read_task(artifact: pathlib.Path) -> tuple[TaskManifest, str | None] | None:
@@ -83,8 +85,6 @@ class TaskBackend(Backend):
         self.name = inner.name  # type: ignore[misc]
         self.platform = inner.platform  # type: ignore[misc]
         self.bytes_as_text = manifest.is_text  # type: ignore[misc]
-        # Images are decoded per request on the preprocessing threads; text checks are cheap.
-        self.prepare_off_loop = not manifest.is_text
         inputs, outputs = manifest.served()
         self.inputs = [TensorInfo(n, d, s) for n, d, s in inputs]
         self.outputs = [TensorInfo(n, d, s) for n, d, s in outputs]
@@ -168,6 +168,13 @@ class TaskBackend(Backend):
 
     # ------------------------------------------------------------------------------ per request
 
+    def prepare_off_loop(self, inputs: list[np.ndarray], parameters: Mapping[str, Any]) -> bool:
+        # Images are decoded on the preprocessing threads; texts are checked on the loop, unless
+        # refused truncation means counting the tokens of much text.
+        if not self.manifest.is_text:
+            return True
+        return _refuses_truncation(parameters) and sum(len(t) for t in inputs[0].flat) > _TEXT_ON_LOOP_CHARS
+
     def prepare_request(self, inputs: list[np.ndarray], parameters: Mapping[str, Any]) -> list[np.ndarray]:
         """Check (text) or decode (images) one request's inputs; InvalidArgument names the element."""
         if not self.manifest.is_text:
@@ -178,8 +185,7 @@ class TaskBackend(Backend):
         for index, text in enumerate(texts.tolist()):
             if not text.strip():
                 raise InvalidArgument(f"input '{TEXT_INPUT}': text {index} is empty")
-        truncation = parameters.get("truncation")
-        if truncation is not None and truncation.WhichOneof("parameter_choice") == "bool_param" and not truncation.bool_param:
+        if _refuses_truncation(parameters):
             limit = self.manifest.max_length
             for index, encoding in enumerate(self._untruncated.encode_batch(texts.tolist())):
                 if len(encoding.ids) > limit:
@@ -307,6 +313,15 @@ class TaskBackend(Backend):
                 })  # fmt: skip
             result[row] = json.dumps(entities, separators=(",", ":"))
         return result
+
+
+def _refuses_truncation(parameters: Mapping[str, Any]) -> bool:
+    truncation = parameters.get("truncation")
+    return (
+        truncation is not None
+        and truncation.WhichOneof("parameter_choice") == "bool_param"
+        and not truncation.bool_param
+    )
 
 
 def _tag(label: str) -> tuple[str, str]:
