@@ -50,6 +50,7 @@ from services.gateway.grpc_edge import (
     Unconfigured,
     register_inference,
 )
+from services.gateway.rest.tasks import TaskCatalog
 from services.gateway.routing import RoutingTable, RoutingWatcher
 from services.gateway.settings import GatewaySettings
 from services.gateway.stats import GatewayStats
@@ -121,6 +122,8 @@ class GatewayApp:
             stats=self.stats,
             inject_trace_context=self.telemetry.exporting,
         )
+        # Task cards of deployed versions, shared by the REST task endpoints, the model list and docs.
+        self.catalog = TaskCatalog(self.dataplane)
         self.grpc = self._build_grpc()
         self.metrics_endpoint = (
             MetricsEndpoint(self.metrics.registry, config.host, config.metrics_port) if config.metrics_port >= 0 else None
@@ -133,6 +136,7 @@ class GatewayApp:
 
     def _routing_changed(self, table: RoutingTable) -> None:
         self.upstream.retain(table.addresses())
+        self.catalog.retain({route.model for route in table.routes.values()})
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         config = self.settings.gateway
@@ -185,9 +189,7 @@ class GatewayApp:
         from services.gateway.http_app import build_http_app
         from services.gateway.rest.docs import mount_docs
         from services.gateway.rest.management import ManagementBackends, build_management_router
-        from services.gateway.rest.tasks import TaskCatalog
-
-        catalog = TaskCatalog(self.dataplane)
+        catalog = self.catalog
         backends = self._backends = ManagementBackends(
             registry=self.registry,
             scheduler=self.scheduler,

@@ -177,3 +177,30 @@ def test_answers_list_the_top_k_labels_by_score():
     assert "labels" not in plain
     [everything] = rest.predictions(CARD, outputs, top_k=10)
     assert len(everything["labels"]) == 3
+
+
+async def test_cards_are_cached_per_version_and_forgotten_with_their_model():
+    from inference import grpc_predict_v2_pb2 as pb
+
+    class Plane:  # what TaskCatalog needs of the gateway data plane
+        calls = 0
+
+        def resolve_version(self, deployment, version=""):
+            return "sentiment-model", int(version or 1), True
+
+        async def model_config(self, deployment, version):
+            Plane.calls += 1
+            config = pb.ModelConfig(name=deployment)
+            config.parameters["aimaas.task"].string_value = json.dumps({"task": "text-classification", "labels": ["a"]})
+            return pb.ModelConfigResponse(config=config)
+
+    catalog = rest.TaskCatalog(Plane())
+    assert (await catalog.card("sentiment"))[1].labels == ("a",)
+    await catalog.card("sentiment", "1")
+    assert Plane.calls == 1
+    catalog.retain({"sentiment-model"})
+    await catalog.card("sentiment")
+    assert Plane.calls == 1
+    catalog.retain(set())  # undeployed (and perhaps deleted, its name free for a new model)
+    await catalog.card("sentiment")
+    assert Plane.calls == 2

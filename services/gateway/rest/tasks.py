@@ -105,6 +105,12 @@ class TaskCatalog:
             self._cards.popitem(last=False)
         return key[1], card
 
+    def retain(self, models: set[str]) -> None:
+        """Forget the cards of models no deployment routes to any more: a model can only be deleted
+        once undeployed, and one created again under its name numbers its versions from 1 again."""
+        for key in [key for key in self._cards if key[0] not in models]:
+            del self._cards[key]
+
     async def embedding_models(self, principal: Principal) -> list[dict[str, Any]]:
         """OpenAI model objects for the feature-extraction deployments the caller may use."""
         found = []
