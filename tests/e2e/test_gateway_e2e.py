@@ -187,7 +187,7 @@ def test_sdk_through_the_gateway(mesh: Mesh, deployed: str, model_path: pathlib.
         deployment = service.deploy("mlp-sdk", pushed.version, min_instances=1).wait_ready(timeout=90)
         assert deployment.status == "READY"
         assert deployment.endpoint == f"http://{gateway['http']}/v2/models/mlp-sdk"
-        assert deployment.docs_url == f"http://{gateway['http']}/docs"
+        assert deployment.docs_url == f"http://{gateway['http']}/docs/deployments/mlp-sdk"
         assert service.model_ready("mlp-sdk")  # wait_ready waits for the gateway's routing too
         np.testing.assert_allclose(service.predict("mlp-sdk", x)["y"], reference(x), rtol=1e-5)
 
