@@ -240,19 +240,25 @@ def _gateway_process(settings_json: str, model: bytes, log_path: str, ready: mul
             await deploy(gateway, bench_model.MODEL_NAME, [model], timeout=120)
             route = gateway.routing.table.find(bench_model.MODEL_NAME)
             ready.put(((gateway.http_url, gateway.grpc_address), route.versions[0].replicas[0].address))
-            profiler = None
-            if profile:
-                import cProfile
-
-                profiler = cProfile.Profile()
-                profiler.enable()
-            while not stop.is_set():
-                await asyncio.sleep(0.2)
-            if profiler is not None:
-                profiler.disable()
-                profiler.dump_stats(profile)
+            await serve_until(stop, profile)
 
     _run(main())
+
+
+async def serve_until(stop, profile: str | None = None) -> None:
+    """Let the process's event loop serve until `stop` (a multiprocessing Event) is set, under
+    cProfile written to `profile` when given."""
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    while not stop.is_set():
+        await asyncio.sleep(0.2)
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(profile)
 
 
 def _run(coroutine) -> None:

@@ -66,7 +66,15 @@ async def run(url: str, model: str, version: str, clients: int, start_at: float,
                                           start_at, end_at, latencies, errors))
         for _ in range(clients)
     ]
-    # Client CPU inside the measured window only (warm-up excluded).
+    cpu_window, unfinished = await wait_window(tasks, start_at, end_at)
+    return {"latencies_s": latencies, "errors": len(errors), "unfinished": unfinished,
+            "client_cpu_s": cpu_window, "error_samples": sorted(set(errors))[:5]}
+
+
+async def wait_window(tasks: list[asyncio.Future], start_at: float, end_at: float) -> tuple[float, int]:
+    """Wait out a measured window [start_at, end_at] (time.time()) of running client `tasks`:
+    (this process's CPU seconds inside the window, warm-up excluded; how many tasks were still
+    running GRACE_S after it closed, which are then cancelled)."""
     await asyncio.sleep(max(0.0, start_at - time.time()))
     cpu_start = time.process_time()
     await asyncio.sleep(max(0.0, end_at - time.time()))
@@ -76,8 +84,7 @@ async def run(url: str, model: str, version: str, clients: int, start_at: float,
         task.cancel()
     if pending:
         await asyncio.wait(pending, timeout=10)
-    return {"latencies_s": latencies, "errors": len(errors), "unfinished": len(pending),
-            "client_cpu_s": cpu_window, "error_samples": sorted(set(errors))[:5]}
+    return cpu_window, len(pending)
 
 
 def main() -> None:
