@@ -204,3 +204,23 @@ async def test_cards_are_cached_per_version_and_forgotten_with_their_model():
     catalog.retain(set())  # undeployed (and perhaps deleted, its name free for a new model)
     await catalog.card("sentiment")
     assert Plane.calls == 2
+
+
+def test_a_batch_runs_in_length_groups_that_bound_padding():
+    from services.inference.backends.task import length_groups
+
+    def padding(groups, lengths):
+        return sum(int(lengths[g].max()) * len(g) - int(lengths[g].sum()) for g in groups)
+
+    same = np.full(32, 17)
+    assert [len(g) for g in length_groups(same)] == [32]  # nothing to pad: one execution
+    mixed = np.array([5, 120, 6, 7, 118, 5, 119, 6])
+    groups = length_groups(mixed)
+    assert sorted(sorted(g.tolist()) for g in groups) == [[0, 2, 3, 5, 7], [1, 4, 6]]
+    assert padding(groups, mixed) == 9  # 6 + 3: one padded batch would pad 5 x ~114 tokens
+    assert sorted(i for g in groups for i in g.tolist()) == list(range(len(mixed)))
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(4, 200, 64)
+    groups = length_groups(lengths)
+    assert padding(groups, lengths) <= 0.25 * lengths.sum() + 32 * len(groups)
+    assert len(groups) < 16
