@@ -414,7 +414,7 @@ class _Exporter:
         if task == IMAGE_CLASSIFICATION:
             names: tuple[str, ...] = (IMAGE_GRAPH_INPUT,)
         else:
-            self.input_names = names = self._text_inputs()
+            names = self._text_inputs()
         if task == FEATURE_EXTRACTION:
             pooling, normalize = _pooling(self.directory)
 

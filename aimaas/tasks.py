@@ -43,6 +43,8 @@ Task = Literal["text-classification", "token-classification", "feature-extractio
 
 MANIFEST_KEY = "aimaas.task"
 TOKENIZER_KEY = "aimaas.tokenizer"
+# Model config parameter (ModelConfig.parameters) in which a node publishes the public manifest.
+CONFIG_PARAMETER = "aimaas.task"
 # Bump when the meaning of a manifest field changes; nodes refuse manifests newer than they know.
 MANIFEST_FORMAT = 1
 

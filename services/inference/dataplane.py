@@ -40,11 +40,11 @@ import structlog
 from opentelemetry import context as otel_context
 from prometheus_client import CollectorRegistry
 
+from aimaas.tasks import CONFIG_PARAMETER, InvalidTaskManifest, TaskManifest, public_json
 from inference import grpc_predict_v2_pb2 as pb
 from services.common.errors import AimaasError, InvalidArgument, NotFound, Unavailable
 from services.common.tracing import Telemetry
 from services.inference.backends import probe_backends
-from aimaas.tasks import InvalidTaskManifest, TaskManifest, public_json
 from services.inference.backends.base import Backend, LoadOptions, TensorInfo
 from services.inference.backends.task import TaskBackend, read_task
 from services.inference.batcher import Batcher, BatchPolicy, ExecutionFailed
@@ -56,8 +56,6 @@ if TYPE_CHECKING:
     from services.common.objectstore import ObjectStore
 
 FORMATS = ("onnx", "tensorrt_plan")
-# Model config parameter holding a task model's public manifest (JSON).
-TASK_PARAMETER = "aimaas.task"
 # Statistics of retired instances kept until the stats reporter takes their last window.
 _RETIRED_STATS = 4096
 
@@ -338,7 +336,7 @@ class _Instance:
         )
         if self.task is not None:
             # What the gateway shapes task answers with (labels, limits): aimaas.tasks' public fields.
-            config.parameters[TASK_PARAMETER].string_value = public_json(self.task)
+            config.parameters[CONFIG_PARAMETER].string_value = public_json(self.task)
         if merge:
             config.dynamic_batching.max_queue_delay_microseconds = round(self.policy.max_queue_delay_s * 1e6)
         return config

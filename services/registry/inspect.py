@@ -286,9 +286,9 @@ def onnx_signature(summary: OnnxSummary) -> types_pb2.Signature:
 def task_signature(summary: OnnxSummary) -> tuple[types_pb2.TaskSpec, types_pb2.Signature] | None:
     """The task and the served signature of a task model (its manifest in `aimaas.task`), checked
     against the graph; None for a plain tensor model. Raises InvalidArtifact with the reason."""
-    raw = summary.metadata.get(MANIFEST_KEY)
     if MANIFEST_KEY not in summary.metadata:
         return None
+    raw = summary.metadata[MANIFEST_KEY]
     if raw is None:
         raise InvalidArtifact(f"the task manifest ({MANIFEST_KEY}) is implausibly large")
     try:

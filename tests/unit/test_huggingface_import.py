@@ -151,3 +151,18 @@ def test_an_export_carries_its_manifest_and_checks_itself(task_models):
     pets = TaskManifest.parse(read_onnx_metadata(task_models.onnx["pets"])[MANIFEST_KEY])
     assert pets.image is not None and (pets.image.height, pets.image.width, pets.image.mean) == (32, 32, (0.5, 0.5, 0.5))
     assert TOKENIZER_KEY not in read_onnx_metadata(task_models.onnx["pets"])
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from tests.support.hf_models import SENTIMENT, _bert_config, _tokenizer
+
+    directory = tmp_path / "mismatched"
+    directory.mkdir()
+    tokenizer = _tokenizer(directory)
+    torch.manual_seed(0)
+    BertForSequenceClassification(_bert_config(len(tokenizer) - 20, SENTIMENT)).save_pretrained(directory)
+    with pytest.raises(hf.ImportFailed, match=r"the tokenizer has \d+ tokens but the model's vocabulary only \d+"):
+        hf.export_model(str(directory), tmp_path / "out.onnx")

@@ -106,7 +106,7 @@ class DataPlane(Protocol):
     async def repository_index(self) -> pb.RepositoryIndexResponse: ...
 
 
-def _json(document: Any, status: int = 200) -> Response:
+def json_response(document: Any, status: int = 200) -> Response:
     return Response(json.dumps(document, separators=(",", ":")).encode(), status_code=status, media_type=JSON)
 
 
@@ -166,32 +166,32 @@ def build_oip_routes(
     @router.get("", summary="Server metadata")
     async def server_metadata(request: Request) -> Response:
         await principal_for(request, Permission.READ, None)
-        return _json({"name": SERVER_NAME, "version": server_version, "extensions": EXTENSIONS})
+        return json_response({"name": SERVER_NAME, "version": server_version, "extensions": EXTENSIONS})
 
     @router.get("/health/live", summary="Server live (no auth: liveness probe)")
     async def health_live() -> Response:
         live = await dataplane.server_live()
-        return _json({"live": live} if live else {"live": False, "error": "server is not live"}, 200 if live else 503)
+        return json_response({"live": live} if live else {"live": False, "error": "server is not live"}, 200 if live else 503)
 
     @router.get("/health/ready", summary="Server ready (no auth: readiness probe)")
     async def health_ready() -> Response:
         # 503 rather than the spec's generic 4xx: "not ready yet" is not a client error, and
         # every probe treats any non-2xx alike.
         ready = await dataplane.server_ready()
-        return _json({"ready": ready} if ready else {"ready": False, "error": "server is not ready"}, 200 if ready else 503)
+        return json_response({"ready": ready} if ready else {"ready": False, "error": "server is not ready"}, 200 if ready else 503)
 
     async def model_ready(request: Request, model: str, version: str) -> Response:
         set_model(request, model)
         await principal_for(request, Permission.READ, model)
         ready = await dataplane.model_ready(model, version)
         if ready:
-            return _json({"name": model, "ready": True})
-        return _json({"name": model, "ready": False, "error": f"model '{model}' is not ready"}, 503)
+            return json_response({"name": model, "ready": True})
+        return json_response({"name": model, "ready": False, "error": f"model '{model}' is not ready"}, 503)
 
     async def model_metadata(request: Request, model: str, version: str) -> Response:
         set_model(request, model)
         await principal_for(request, Permission.READ, model)
-        return _json(codec.metadata_to_json(await dataplane.model_metadata(model, version)))
+        return json_response(codec.metadata_to_json(await dataplane.model_metadata(model, version)))
 
     async def model_stats(request: Request, model: str, version: str) -> Response:
         if model:
@@ -201,7 +201,7 @@ def build_oip_routes(
         document = codec.message_to_json(stats)
         if not model and principal.model_scope:
             document["model_stats"] = [s for s in document["model_stats"] if principal.in_scope(s["name"])]
-        return _json(document)
+        return json_response(document)
 
     sticky_key = sticky_header.lower().encode("latin-1") if sticky_header else None
     decoder = codec.RequestDecoder()
@@ -237,7 +237,7 @@ def build_oip_routes(
         """An authorized inference request's body through the data plane; its encoded response."""
         body = codec.decompress(body, encoding, max_body_bytes)
         decoded = decoder.decode(body, codec.parse_header_length(header_length, len(body)), model=model, version=version)
-        timeout = _remaining(deadline, decoded.timeout_s)
+        timeout = remaining_seconds(deadline, decoded.timeout_s)
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier)
         response = await dataplane.model_infer(
@@ -283,7 +283,7 @@ def build_oip_routes(
             for m in index.models
             if principal.in_scope(m.name) and (not ready_only or m.state == "READY")
         ]
-        return _json(entries)
+        return json_response(entries)
 
     # Before /models/{model}, which would otherwise take "stats" for a model name.
     @router.get("/models/stats", summary="Statistics of every model")
@@ -372,7 +372,7 @@ class InferFastPath:
         await self.app(scope, receive, send)
 
 
-def _remaining(deadline: float | None, requested: float | None) -> float | None:
+def remaining_seconds(deadline: float | None, requested: float | None) -> float | None:
     """Seconds left for the data plane call: the edge deadline (loop time), shortened by the request's
     own timeout."""
     loop_time = asyncio.get_running_loop().time()

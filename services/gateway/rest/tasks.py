@@ -36,11 +36,9 @@ from inference import grpc_predict_v2_pb2 as pb
 from services.common.auth import Permission, Principal
 from services.common.errors import InvalidArgument
 from services.gateway.rest.edge import PRINCIPAL_STATE, REQUEST_DEADLINE_STATE, read_body, set_model
-from services.gateway.rest.oip import _remaining
+from services.gateway.rest.oip import json_response, remaining_seconds
 from services.inference import tensors
 
-# Model config parameter with a task model's public manifest (services.inference.dataplane).
-TASK_PARAMETER = "aimaas.task"
 JSON = "application/json"
 # Inputs one predict or embeddings request may carry.
 MAX_INPUTS = 1024
@@ -67,7 +65,7 @@ class TaskCard:
 
     @classmethod
     def of(cls, config: pb.ModelConfig) -> TaskCard | None:
-        parameter = config.parameters.get(TASK_PARAMETER)
+        parameter = config.parameters.get(tasks.CONFIG_PARAMETER)
         if parameter is None or not parameter.string_value:
             return None
         document = json.loads(parameter.string_value)
@@ -263,16 +261,15 @@ def infer_request(deployment: str, card: TaskCard, task_request: TaskRequest) ->
     array = np.empty(len(task_request.items), dtype=object)
     array[:] = task_request.items
     tensors.add_raw_input(request, tasks.TEXT_INPUT if card.is_text else tasks.IMAGE_INPUT, array)
-    _, outputs = tasks_outputs(card)
-    for name in outputs:
+    for name in answer_outputs(card):
         request.outputs.add(name=name)
     if task_request.truncation is not None:
         request.parameters["truncation"].bool_param = task_request.truncation
     return request
 
 
-def tasks_outputs(card: TaskCard) -> tuple[str, tuple[str, ...]]:
-    """(task, the served outputs the JSON answer is built from)."""
+def answer_outputs(card: TaskCard) -> tuple[str, ...]:
+    """The served outputs the JSON answer of `card`'s task is built from."""
     if card.task in (tasks.TEXT_CLASSIFICATION, tasks.IMAGE_CLASSIFICATION):
         outputs: tuple[str, ...] = ("label", "score", "scores")
     elif card.task == tasks.TOKEN_CLASSIFICATION:
@@ -281,7 +278,7 @@ def tasks_outputs(card: TaskCard) -> tuple[str, tuple[str, ...]]:
         outputs = ("embedding", "tokens")
     if card.is_text:
         outputs += ("truncated",)
-    return card.task, outputs
+    return outputs
 
 
 def response_arrays(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
@@ -317,10 +314,6 @@ def predictions(card: TaskCard, outputs: dict[str, np.ndarray], top_k: int | Non
 
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
-
-
-def _json(document: Any, status: int = 200) -> Response:
-    return Response(json.dumps(document, separators=(",", ":")).encode(), status_code=status, media_type=JSON)
 
 
 # ----------------------------------------------------------------------------------- the router
@@ -425,7 +418,7 @@ def build_task_router(dataplane: Any, auth: Any, catalog: TaskCatalog, *, sticky
         auth.authorize(principal, Permission.INFER, model)
         return principal
 
-    async def run(request: Request, principal: Principal, deployment: str, card: TaskCard,
+    async def run(request: Request, principal: Principal, deployment: str, version: str, card: TaskCard,
                   task_request: TaskRequest) -> tuple[pb.ModelInferResponse, TaskCard]:
         """The OIP call (its version chosen by the traffic split), and the card of the version that answered."""
         carrier: dict[str, str] = {}
@@ -433,11 +426,13 @@ def build_task_router(dataplane: Any, auth: Any, catalog: TaskCatalog, *, sticky
         response = await dataplane.model_infer(
             infer_request(deployment, card, task_request),
             principal=principal,
-            timeout=_remaining(request.scope.get("state", {}).get(REQUEST_DEADLINE_STATE), None),
+            timeout=remaining_seconds(request.scope.get("state", {}).get(REQUEST_DEADLINE_STATE), None),
             sticky_key=request.headers.get(sticky) if sticky else None,
             metadata=tuple(carrier.items()),
         )
-        _, served = await catalog.card(deployment, response.model_version)
+        if response.model_version == version:
+            return response, card
+        _, served = await catalog.card(deployment, response.model_version)  # another version of the split
         return response, served or card
 
     @router.post("/models/{name}/predict", tags=["tasks"], summary="Predict on text or images (task models)",
@@ -445,7 +440,7 @@ def build_task_router(dataplane: Any, auth: Any, catalog: TaskCatalog, *, sticky
     async def predict(request: Request, name: str) -> Response:
         set_model(request, name)
         principal = await principal_for(request, name)
-        _, card = await catalog.card(name)
+        version, card = await catalog.card(name)
         if card is None:
             raise InvalidArgument(
                 f"model '{name}' is not a task model (it takes tensors): call POST /v2/models/{name}/infer"
@@ -462,10 +457,10 @@ def build_task_router(dataplane: Any, auth: Any, catalog: TaskCatalog, *, sticky
             task_request = TaskRequest([body], True)
         else:
             task_request = parse_json_request(await read_body(request), card, name)
-        response, card = await run(request, principal, name, card, task_request)
+        response, card = await run(request, principal, name, version, card, task_request)
         answers = predictions(card, response_arrays(response), task_request.top_k)
         head = {"model": name, "model_version": response.model_version, "task": card.task}
-        return _json({**head, **answers[0]} if task_request.single else {**head, "predictions": answers})
+        return json_response({**head, **answers[0]} if task_request.single else {**head, "predictions": answers})
 
     @router.post("/embeddings", tags=["tasks"], summary="Embeddings (OpenAI-compatible)", openapi_extra=_EMBEDDINGS_BODY)
     async def embeddings(request: Request) -> Response:
@@ -486,7 +481,7 @@ def build_task_router(dataplane: Any, auth: Any, catalog: TaskCatalog, *, sticky
         if any(not isinstance(t, str) for t in texts):
             raise InvalidArgument("'input' must hold strings: token-id arrays are not supported, send the text")
         _check_count(len(texts))
-        _, card = await catalog.card(name)
+        version, card = await catalog.card(name)
         if card is None or card.task != tasks.FEATURE_EXTRACTION:
             kind = "a tensor model" if card is None else f"a {card.task} model"
             raise InvalidArgument(f"model '{name}' is {kind}; /v1/embeddings needs a feature-extraction model")
@@ -496,7 +491,7 @@ def build_task_router(dataplane: Any, auth: Any, catalog: TaskCatalog, *, sticky
                 f"model '{name}' makes embeddings of {card.embedding_dimension} dimensions; 'dimensions' cannot change that"
             )
         task_request = TaskRequest([t.encode("utf-8") for t in texts], False)
-        response, _ = await run(request, principal, name, card, task_request)
+        response, _ = await run(request, principal, name, version, card, task_request)
         outputs = response_arrays(response)
         vectors = outputs["embedding"].astype("<f4", copy=False)
         data = [
@@ -505,7 +500,7 @@ def build_task_router(dataplane: Any, auth: Any, catalog: TaskCatalog, *, sticky
             for i, vector in enumerate(vectors)
         ]  # fmt: skip
         tokens = int(outputs["tokens"].sum())
-        return _json({"object": "list", "data": data, "model": name,
+        return json_response({"object": "list", "data": data, "model": name,
                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
 
     return router
